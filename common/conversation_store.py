@@ -1,0 +1,127 @@
+"""The conversation history: the answered turns, capped and expiring.
+
+The history is a hash (who, when) plus a capped list of messages, so appending a turn is
+O(1) and never rewrites the whole conversation. `commit` stores the user messages and the
+reply and clears the worker's `processing` list in one script: either both happen or
+neither, which is what keeps a crash from answering a message twice or never.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from common.inbox import Batch
+from common.keys import SessionKeys
+from common.messages import Conversation, OutboxEntry, StoredMessage
+from common.settings import Settings
+
+# KEYS: conversation, messages, processing, outbox
+# ARGV: first claimed raw item, claimed count, conversation id, user id, now,
+#       max history, ttl, metadata json, outbox field, outbox entry json ('' = none),
+#       '1' to start the conversation afresh (reset command) else '0',
+#       stored message json...
+_COMMIT = """
+if redis.call('LLEN', KEYS[3]) ~= tonumber(ARGV[2])
+   or redis.call('LINDEX', KEYS[3], 0) ~= ARGV[1] then
+  return false
+end
+if ARGV[11] == '1' then redis.call('DEL', KEYS[1], KEYS[2]) end
+redis.call('HSETNX', KEYS[1], 'conversation_id', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'user_id', ARGV[4])
+redis.call('HSETNX', KEYS[1], 'created_at', ARGV[5])
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[5])
+if ARGV[8] ~= '{}' or redis.call('HEXISTS', KEYS[1], 'metadata') == 0 then
+  redis.call('HSET', KEYS[1], 'metadata', ARGV[8])
+end
+if ARGV[10] ~= '' then
+  redis.call('HSET', KEYS[4], ARGV[9], ARGV[10])
+  redis.call('EXPIRE', KEYS[4], ARGV[7])
+end
+for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+redis.call('DEL', KEYS[3])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+return 1
+"""
+
+
+class ConversationStore:
+    """Reads and writes conversation histories."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self._client = client
+        self._settings = settings
+        self._commit = client.register_script(_COMMIT)
+
+    def turns(self, keys: SessionKeys) -> list[StoredMessage]:
+        """The stored history, oldest first: what the worker rebuilds the context from."""
+        raw_messages = self._client.lrange(keys.messages, 0, -1)
+        return [StoredMessage.model_validate_json(raw) for raw in raw_messages]
+
+    def conversation_id(self, keys: SessionKeys, user_id: str, created_epoch: int) -> str:
+        """The existing conversation's id, or the one `commit` will give a new one."""
+        existing = self._client.hget(keys.conversation, "conversation_id")
+        return existing or f"conv_{user_id}_{created_epoch}"
+
+    def commit(
+        self,
+        keys: SessionKeys,
+        batch: Batch,
+        *,
+        conversation_id: str,
+        user_id: str,
+        messages: Sequence[StoredMessage],
+        metadata: dict[str, Any],
+        now: str,
+        outbox: OutboxEntry | None,
+        fresh: bool = False,
+    ) -> bool:
+        """Store the answered turn and its outgoing reply; False if the claim was lost.
+
+        The claim is identified by its size and first item: if another worker already
+        committed (or the processing list changed), nothing is written.
+        """
+        s = self._settings
+        committed = self._commit(
+            keys=[keys.conversation, keys.messages, keys.processing, keys.outbox],
+            args=[
+                batch.raw[0],
+                len(batch.raw),
+                conversation_id,
+                user_id,
+                now,
+                s.max_history_messages,
+                s.session_expire_time,
+                json.dumps(metadata, separators=(",", ":")),
+                outbox.idempotency_key if outbox else "",
+                outbox.model_dump_json() if outbox else "",
+                "1" if fresh else "0",
+                *(m.model_dump_json() for m in messages),
+            ],
+        )
+        return bool(committed)
+
+    def history(self, keys: SessionKeys) -> Conversation | None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hgetall(keys.conversation)
+        pipe.lrange(keys.messages, 0, -1)
+        header, raw_messages = pipe.execute()
+        if not header:
+            return None
+        return Conversation(
+            conversation_id=header["conversation_id"],
+            user_id=header["user_id"],
+            created_at=header["created_at"],
+            updated_at=header["updated_at"],
+            metadata=json.loads(header.get("metadata") or "{}"),
+            messages=[StoredMessage.model_validate_json(raw) for raw in raw_messages],
+        )
+
+    def erase(self, keys: SessionKeys) -> bool:
+        """Delete a conversation and anything pending for it; True if something existed."""
+        return bool(self._client.delete(*keys.all_conversation_keys()))

@@ -1,0 +1,150 @@
+"""The per-session inbox: how a message is accepted, and how a worker claims a batch.
+
+Each step is one Lua script, so a message is de-duplicated, rate-counted and queued in
+a single round trip, and a claim moves messages to the crash-safe `processing` list
+atomically: a worker that dies after claiming leaves them there for the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+from common.keys import SessionKeys
+from common.messages import PendingMessage
+from common.settings import Settings
+
+RATE_WINDOW_SECONDS = 60
+
+# KEYS: seen, rate, inbox, conversation, messages
+# ARGV: message json, dedupe ttl, rate limit (0 = off), rate window, max pending, session ttl
+# Every accepted message renews the conversation's TTL, as the seeds did.
+_ACCEPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'duplicate', 0}
+end
+local limit = tonumber(ARGV[3])
+if limit > 0 then
+  local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if used >= limit then
+    local ttl = redis.call('TTL', KEYS[2])
+    if ttl < 1 then ttl = tonumber(ARGV[4]) end
+    return {'rate_limited', ttl}
+  end
+end
+if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[5]) then
+  return {'inbox_full', 0}
+end
+if limit > 0 and redis.call('INCR', KEYS[2]) == 1 then
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+local size = redis.call('RPUSH', KEYS[3], ARGV[1])
+for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+return {'queued', size}
+"""
+
+# KEYS: seen, rate, inbox   ARGV: message json
+_WITHDRAW = """
+local removed = redis.call('LREM', KEYS[3], 1, ARGV[1])
+if removed > 0 then
+  redis.call('DEL', KEYS[1])
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('DECR', KEYS[2]) end
+end
+return removed
+"""
+
+# KEYS: inbox, processing   ARGV: session ttl
+# A non-empty processing list means an earlier claim was never answered (its worker died):
+# that batch is answered first and alone, so its reply keeps the same idempotency key.
+_CLAIM = """
+if redis.call('LLEN', KEYS[2]) > 0 then
+  return redis.call('LRANGE', KEYS[2], 0, -1)
+end
+local pending = redis.call('LRANGE', KEYS[1], 0, -1)
+if #pending == 0 then return pending end
+redis.call('DEL', KEYS[1])
+redis.call('RPUSH', KEYS[2], unpack(pending))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return pending
+"""
+
+AcceptStatus = Literal["queued", "duplicate", "rate_limited", "inbox_full"]
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    status: AcceptStatus
+    pending: int = 0  # inbox size after a queued message
+    retry_after: int = 0  # seconds, for rate_limited
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Messages claimed together; `raw` identifies the claim when its answer is committed."""
+
+    raw: list[str]
+    messages: list[PendingMessage]
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+
+class Inbox:
+    """Accept and claim operations for the inboxes of all sessions."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self._settings = settings
+        self._accept = client.register_script(_ACCEPT)
+        self._withdraw = client.register_script(_WITHDRAW)
+        self._claim = client.register_script(_CLAIM)
+        self._client = client
+
+    def accept(self, keys: SessionKeys, message: PendingMessage) -> AcceptResult:
+        s = self._settings
+        status, number = self._accept(
+            keys=[
+                keys.seen(message.message_id),
+                keys.rate,
+                keys.inbox,
+                keys.conversation,
+                keys.messages,
+            ],
+            args=[
+                message.model_dump_json(),
+                s.dedupe_ttl_seconds,
+                s.rate_limit_per_minute,
+                RATE_WINDOW_SECONDS,
+                s.max_pending_per_session,
+                s.session_expire_time,
+            ],
+        )
+        if status == "queued":
+            return AcceptResult("queued", pending=int(number))
+        if status == "rate_limited":
+            return AcceptResult("rate_limited", retry_after=int(number))
+        return AcceptResult(status)
+
+    def withdraw(self, keys: SessionKeys, message: PendingMessage) -> bool:
+        """Undo an accept whose task could not be enqueued, so the client's retry is new."""
+        removed = self._withdraw(
+            keys=[keys.seen(message.message_id), keys.rate, keys.inbox],
+            args=[message.model_dump_json()],
+        )
+        return bool(removed)
+
+    def claim(self, keys: SessionKeys) -> Batch:
+        """Move everything pending to `processing` and return it, oldest first."""
+        raw = self._claim(
+            keys=[keys.inbox, keys.processing], args=[self._settings.session_expire_time]
+        )
+        return Batch(raw=list(raw), messages=[PendingMessage.model_validate_json(i) for i in raw])
+
+    def has_pending(self, keys: SessionKeys) -> bool:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.llen(keys.inbox)
+        pipe.llen(keys.processing)
+        inbox, processing = pipe.execute()
+        return bool(inbox or processing)

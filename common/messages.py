@@ -1,0 +1,141 @@
+"""Payload models: what n8n posts, what waits in the inbox, what history holds, and what
+the worker posts back. pydantic does the checking so every rejection names its field."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StrictStr,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
+
+# Identifiers end up inside Redis key names: no whitespace, and no braces, which would
+# break the `{session}` hash tag that keeps a conversation in one cluster slot.
+Identifier = Annotated[StrictStr, StringConstraints(pattern=r"^[^\s{}]+$", min_length=1)]
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class InboundMessage(BaseModel):
+    """The simple JSON form an n8n HTTP Request node posts to `/webhook`."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", str_strip_whitespace=True)
+
+    message_id: Annotated[Identifier, Field(max_length=256)]
+    sender: Annotated[Identifier, Field(alias="from", max_length=64)]
+    text: Annotated[StrictStr, Field(min_length=1)]
+    session_id: Annotated[Identifier, Field(max_length=128)] | None = None
+    name: Annotated[StrictStr, Field(max_length=256)] | None = None
+    timestamp: Annotated[int, Field(ge=0, le=10**11)] | None = None
+    callback_url: HttpUrl | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _text_within_limit(cls, value: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_text_length")
+        if limit is not None and len(value) > limit:
+            raise ValueError(f"text is longer than {limit} characters")
+        return value
+
+    @property
+    def conversation_key(self) -> str:
+        """`session_id` when given, else the sender: n8n's "Session Key" convention."""
+        return self.session_id or self.sender
+
+
+MessageKind = Literal["text", "non_text", "reset"]
+
+
+class PendingMessage(BaseModel):
+    """An accepted message waiting in a session inbox for a worker.
+
+    `kind` tells the worker how to answer: generate (text), send the polite fixed reply
+    (non_text: an image, audio, sticker…), or forget the conversation (reset).
+    """
+
+    message_id: str
+    kind: MessageKind = "text"
+    session_id: str
+    sender: str
+    text: str
+    name: str | None = None
+    timestamp: int | None = None
+    callback_url: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    received_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def from_inbound(cls, inbound: InboundMessage, kind: MessageKind = "text") -> PendingMessage:
+        return cls(
+            message_id=inbound.message_id,
+            kind=kind,
+            session_id=inbound.conversation_key,
+            sender=inbound.sender,
+            text=inbound.text,
+            name=inbound.name,
+            timestamp=inbound.timestamp,
+            callback_url=str(inbound.callback_url) if inbound.callback_url else None,
+            metadata=inbound.metadata,
+        )
+
+
+class StoredMessage(BaseModel):
+    """One entry of a conversation's history (the seeds' shape)."""
+
+    message_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    timestamp: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Conversation(BaseModel):
+    """What `GET /chat/history/<session>` returns."""
+
+    conversation_id: str
+    user_id: str
+    status: Literal["active"] = "active"
+    created_at: str
+    updated_at: str
+    messages: list[StoredMessage]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CallbackPayload(BaseModel):
+    """The JSON the worker POSTs to n8n with a reply."""
+
+    to: str
+    session_id: str
+    reply: str
+    in_reply_to: list[str]
+    conversation_id: str
+    metadata: dict[str, Any]
+    model: str
+    generated_at: str
+    latency_ms: int
+
+
+class OutboxEntry(BaseModel):
+    """A reply on its way to n8n: stored with the turn, removed once delivered."""
+
+    session_id: str
+    idempotency_key: str
+    url: str
+    payload: CallbackPayload
+    created_at: float
+    next_attempt_at: float
+    attempts: int = 0
+    last_error: str | None = None
+    failed_at: float | None = None  # set when it became a dead letter

@@ -1,0 +1,82 @@
+"""The Celery configuration both sides share.
+
+The webhook only *sends* tasks, by name, through a Celery app built here, so it never
+imports the worker package (and with it torch). The worker builds its app from the same
+function and registers the tasks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from common.privacy import mask_phone
+from common.settings import Settings
+
+REPLY_TASK = "worker.reply_to_session"
+DELIVER_TASK = "worker.deliver_reply"
+
+
+def send_reply_task(
+    app: Celery, session_id: str, countdown: float | None = None, **options: Any
+) -> None:
+    """Queue a reply for a session; flower and logs see the session masked."""
+    app.send_task(
+        REPLY_TASK,
+        args=[session_id],
+        argsrepr=repr([mask_phone(session_id)]),
+        countdown=countdown or None,
+        **options,
+    )
+
+
+def send_delivery_task(
+    app: Celery, session_id: str, idempotency_key: str, countdown: float
+) -> None:
+    """Queue a later delivery attempt of a reply waiting in the session outbox."""
+    app.send_task(
+        DELIVER_TASK,
+        args=[session_id, idempotency_key],
+        argsrepr=repr([mask_phone(session_id), idempotency_key]),
+        countdown=countdown or None,
+    )
+
+
+def make_celery(settings: Settings, main: str = "worker") -> Celery:
+    app = Celery(main)
+    app.conf.update(
+        broker_url=settings.effective_broker_url,
+        # Replies travel by callback; task results would only fill Redis.
+        result_backend=None,
+        task_ignore_result=True,
+        task_default_queue=settings.task_queue,
+        task_serializer="json",
+        accept_content=["json"],
+        # At-least-once: a task is acknowledged after it ran, and handed back if the
+        # process running it dies. The session inbox makes the re-run harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        # A replacement child loads the model before it says it is up; Celery's default
+        # of 4 s would kill it in a loop.
+        worker_proc_alive_timeout=settings.worker_start_timeout_seconds,
+        broker_transport_options={
+            # Longer than the longest task and the longest retry countdown, so neither a
+            # slow task nor a scheduled retry is redelivered while it is still owned.
+            "visibility_timeout": max(
+                settings.task_time_limit * 2, settings.callback_max_backoff_seconds
+            )
+            + 60,
+            "socket_timeout": settings.redis_socket_timeout * 5,
+            "socket_connect_timeout": settings.redis_socket_timeout,
+        },
+        broker_connection_retry_on_startup=True,
+        # Flower shows tasks live only when workers send events.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app

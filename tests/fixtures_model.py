@@ -1,0 +1,29 @@
+"""Session-wide tiny models, built offline once per test run (see `worker.tiny_model`).
+
+Shared through `pytest_plugins = ["tests.fixtures_model"]` in the root conftest, or by
+importing the fixtures into a test module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.tiny_model import build_tiny_model
+
+TINY_CONTEXT = 256
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A DialoGPT-style model: no chat template, turns separated by EOS."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), context=TINY_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a chat template, for the system-prompt code path."""
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny-chat-model"), context=TINY_CONTEXT, chat_template=True
+    )

@@ -1,0 +1,188 @@
+"""The per-conversation lock on a real Redis: exclusive, renewed while held, forgotten
+soon after a holder dies, and quiet when it was lost before release.
+
+Expiry tests use the smallest allowed lock timeout (2 s), so they take a few seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from common.keys import session_keys
+from common.settings import Settings
+from worker.session_lock import session_lock
+
+TTL = 2.0
+
+
+@pytest.fixture
+def name(settings: Settings) -> str:
+    # Under the test's prefix, so the redis_client fixture cleans it up.
+    return session_keys(settings.key_prefix, "5511999990000").lock
+
+
+def started_since(before: set[threading.Thread]) -> list[threading.Thread]:
+    """Threads alive now that were not alive at `before` (the renewal thread)."""
+    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def test_a_second_holder_is_refused_while_the_first_holds(
+    redis_client: redis.Redis, name: str
+) -> None:
+    with session_lock(redis_client, name, 30) as first:
+        assert first is True
+        token = redis_client.get(name)
+        assert token
+
+        with session_lock(redis_client, name, 30) as second:
+            assert second is False
+
+        # The refused one must not have released (or touched) the holder's lock.
+        assert redis_client.get(name) == token
+        with session_lock(redis_client, name, 30) as third:
+            assert third is False
+
+    assert not redis_client.exists(name)
+    with session_lock(redis_client, name, 30) as again:
+        assert again is True
+
+
+def test_locks_of_different_sessions_are_independent(
+    redis_client: redis.Redis, settings: Settings, name: str
+) -> None:
+    other = session_keys(settings.key_prefix, "5511888880000").lock
+    with session_lock(redis_client, name, 30) as a, session_lock(redis_client, other, 30) as b:
+        assert (a, b) == (True, True)
+    assert not redis_client.exists(name)
+    assert not redis_client.exists(other)
+
+
+def test_the_lock_has_a_short_expiry(redis_client: redis.Redis, name: str) -> None:
+    with session_lock(redis_client, name, TTL) as held:
+        assert held is True
+        ttl_ms = redis_client.pttl(name)
+        assert 0 < ttl_ms <= TTL * 1000
+
+
+def test_a_lock_held_longer_than_its_ttl_is_renewed(redis_client: redis.Redis, name: str) -> None:
+    before = set(threading.enumerate())
+    with session_lock(redis_client, name, TTL) as held:
+        assert held is True
+        token = redis_client.get(name)
+        assert len(started_since(before)) == 1
+        start = time.monotonic()
+        while time.monotonic() - start < TTL * 1.5:
+            assert redis_client.get(name) == token, "the lock expired while its holder lived"
+            assert 0 < redis_client.pttl(name) <= TTL * 1000
+            time.sleep(0.2)
+        # Well past the first expiry: another worker is still refused.
+        with session_lock(redis_client, name, TTL) as second:
+            assert second is False
+        assert redis_client.get(name) == token
+
+    assert not redis_client.exists(name)
+    assert started_since(before) == []
+
+
+def test_a_dead_holders_lock_is_taken_over_after_its_ttl(
+    redis_client: redis.Redis, name: str
+) -> None:
+    # A worker killed mid-generation: its lock is there, nobody renews it.
+    redis_client.set(name, "dead-worker-token", px=int(TTL * 1000))
+
+    with session_lock(redis_client, name, TTL) as early:
+        assert early is False
+    assert redis_client.get(name) == "dead-worker-token"
+
+    deadline = time.monotonic() + TTL + 1
+    while redis_client.exists(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    with session_lock(redis_client, name, TTL) as later:
+        assert later is True
+        assert redis_client.get(name) not in (None, "dead-worker-token")
+    assert not redis_client.exists(name)
+
+
+def test_exit_after_the_lock_expired_does_not_raise(redis_client: redis.Redis, name: str) -> None:
+    before = set(threading.enumerate())
+    with session_lock(redis_client, name, 30) as held:
+        assert held is True
+        redis_client.delete(name)  # as if it had expired
+
+    assert not redis_client.exists(name)
+    assert started_since(before) == []
+
+
+def test_a_stolen_lock_is_neither_renewed_nor_released_by_its_old_holder(
+    redis_client: redis.Redis, name: str
+) -> None:
+    before = set(threading.enumerate())
+    with session_lock(redis_client, name, TTL) as held:
+        assert held is True
+        redis_client.delete(name)
+        with session_lock(redis_client, name, 30) as thief:
+            assert thief is True
+            thief_token = redis_client.get(name)
+        # The thief released; now a plain key stands in for a new holder's lock.
+        redis_client.set(name, "new-holder", px=30_000)
+        time.sleep(TTL / 3 + 0.3)  # at least one renewal tick of the old holder
+        assert redis_client.get(name) == "new-holder"
+        assert redis_client.pttl(name) > 25_000  # not reset to the old holder's TTL
+
+    # The old holder's exit left the new holder's lock alone.
+    assert thief_token and thief_token != "new-holder"
+    assert redis_client.get(name) == "new-holder"
+    assert started_since(before) == []
+
+
+def test_an_error_inside_releases_the_lock(redis_client: redis.Redis, name: str) -> None:
+    before = set(threading.enumerate())
+    with (
+        pytest.raises(RuntimeError, match="generation failed"),
+        session_lock(redis_client, name, 30) as held,
+    ):
+        assert held is True
+        raise RuntimeError("generation failed")
+
+    assert not redis_client.exists(name)
+    assert started_since(before) == []
+
+
+def test_an_error_inside_a_refused_lock_propagates_and_keeps_the_holders_lock(
+    redis_client: redis.Redis, name: str
+) -> None:
+    redis_client.set(name, "holder", px=30_000)
+
+    with pytest.raises(ValueError), session_lock(redis_client, name, 30) as held:
+        assert held is False
+        raise ValueError("boom")
+
+    assert redis_client.get(name) == "holder"
+
+
+def test_only_one_of_many_concurrent_workers_gets_the_lock(
+    redis_client: redis.Redis, name: str
+) -> None:
+    results: list[bool] = []
+    all_tried = threading.Barrier(8)
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait()
+        with session_lock(redis_client, name, 30) as held:
+            results.append(held)
+            all_tried.wait(timeout=5)  # hold until every worker has tried
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+
+    assert sorted(results) == [False] * 7 + [True]
+    assert not redis_client.exists(name)

@@ -1,0 +1,189 @@
+"""Inbox and conversation store scripts against a real Redis: TTLs, the history cap, and
+the claim/commit protocol that keeps a crash from losing or doubling an answer."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from common.conversation_store import ConversationStore
+from common.inbox import Inbox
+from common.keys import session_keys
+from common.messages import PendingMessage, StoredMessage
+
+
+@pytest.fixture
+def parts(settings, redis_client):
+    keys = session_keys(settings.key_prefix, "+59170000001")
+    return keys, Inbox(redis_client, settings), ConversationStore(redis_client, settings)
+
+
+def pending(n: int) -> PendingMessage:
+    return PendingMessage(
+        message_id=f"m{n}", session_id="+59170000001", sender="+59170000001", text=f"text {n}"
+    )
+
+
+def answer(store, keys, batch, reply: str = "ok") -> bool:
+    messages = [
+        StoredMessage(message_id=m.message_id, role="user", content=m.text, timestamp="t")
+        for m in batch.messages
+    ]
+    messages.append(
+        StoredMessage(message_id=f"r-{reply}", role="assistant", content=reply, timestamp="t")
+    )
+    return store.commit(
+        keys,
+        batch,
+        conversation_id=store.conversation_id(keys, "+59170000001", 1700000000),
+        user_id="+59170000001",
+        messages=messages,
+        metadata={"name": "Ana"},
+        now="2026-01-01T00:00:00+00:00",
+        outbox=None,
+    )
+
+
+def test_claim_takes_everything_pending_in_order(parts, redis_client):
+    keys, inbox, _ = parts
+    for n in range(3):
+        assert inbox.accept(keys, pending(n)).status == "queued"
+
+    batch = inbox.claim(keys)
+
+    assert [m.message_id for m in batch.messages] == ["m0", "m1", "m2"]
+    assert redis_client.llen(keys.inbox) == 0
+    assert redis_client.llen(keys.processing) == 3
+    assert inbox.claim(keys).raw == batch.raw  # unanswered claim is handed out again
+
+
+def test_commit_stores_turn_clears_processing_and_sets_ttl(parts, settings, redis_client):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    batch = inbox.claim(keys)
+
+    assert answer(store, keys, batch, reply="hello") is True
+
+    assert store.history(keys).conversation_id == "conv_+59170000001_1700000000"
+    assert redis_client.exists(keys.processing) == 0
+    history = store.history(keys)
+    assert [(m.role, m.content) for m in history.messages] == [
+        ("user", "text 0"),
+        ("assistant", "hello"),
+    ]
+    assert history.metadata == {"name": "Ana"}
+    for key in (keys.conversation, keys.messages):
+        assert (
+            settings.session_expire_time - 5 < redis_client.ttl(key) <= settings.session_expire_time
+        )
+
+
+def test_accept_renews_the_conversation_ttl(parts, redis_client, settings):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    answer(store, keys, inbox.claim(keys))
+    redis_client.expire(keys.conversation, 5)
+    redis_client.expire(keys.messages, 5)
+
+    inbox.accept(keys, pending(1))
+
+    assert redis_client.ttl(keys.conversation) > 5
+    assert redis_client.ttl(keys.messages) > 5
+
+
+def test_history_is_capped_to_the_newest_messages(make_settings, redis_client):
+    settings = make_settings(max_history_messages=4)
+    keys = session_keys(settings.key_prefix, "+59170000001")
+    inbox, store = Inbox(redis_client, settings), ConversationStore(redis_client, settings)
+
+    for n in range(5):
+        inbox.accept(keys, pending(n))
+        answer(store, keys, inbox.claim(keys), reply=f"r{n}")
+
+    contents = [m.content for m in store.history(keys).messages]
+    assert contents == ["text 3", "r3", "text 4", "r4"]
+
+
+def test_second_commit_of_the_same_claim_writes_nothing(parts):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    batch = inbox.claim(keys)
+    assert answer(store, keys, batch, reply="first") is True
+
+    assert answer(store, keys, batch, reply="second") is False
+
+    assert [m.content for m in store.history(keys).messages] == ["text 0", "first"]
+
+
+def test_commit_refuses_a_claim_that_no_longer_matches(parts):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    stale = inbox.claim(keys)
+    answer(store, keys, stale)
+    inbox.accept(keys, pending(1))
+    inbox.claim(keys)  # a newer claim now sits in processing
+
+    assert answer(store, keys, stale, reply="late") is False
+
+
+def test_withdraw_undoes_an_accept(parts, redis_client):
+    keys, inbox, _ = parts
+    message = pending(0)
+    inbox.accept(keys, message)
+
+    assert inbox.withdraw(keys, message) is True
+
+    assert redis_client.llen(keys.inbox) == 0
+    assert inbox.accept(keys, message).status == "queued"  # no longer a duplicate
+
+
+def test_erase_removes_history_and_pending(parts, redis_client):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    answer(store, keys, inbox.claim(keys))
+    inbox.accept(keys, pending(1))
+
+    assert store.erase(keys) is True
+
+    assert store.history(keys) is None
+    assert redis_client.llen(keys.inbox) == 0
+    assert store.erase(keys) is False
+
+
+def test_keys_of_one_session_share_a_cluster_hash_slot():
+    keys = session_keys("wa", "+59170000001")
+    other = session_keys("wa", "+59170000002")
+    names = [
+        keys.conversation,
+        keys.messages,
+        keys.inbox,
+        keys.processing,
+        keys.lock,
+        keys.rate,
+        keys.seen("wamid.1"),
+    ]
+
+    assert len({key_slot(name.encode()) for name in names}) == 1
+    assert key_slot(keys.inbox.encode()) != key_slot(other.inbox.encode())
+
+
+def test_conversation_metadata_is_kept_when_a_later_turn_has_none(parts):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    answer(store, keys, inbox.claim(keys))  # stores {"name": "Ana"}
+    inbox.accept(keys, pending(1))
+    batch = inbox.claim(keys)
+    messages = [StoredMessage(message_id="m1", role="user", content="x", timestamp="t")]
+
+    store.commit(
+        keys,
+        batch,
+        conversation_id=store.conversation_id(keys, "+59170000001", 1700000100),
+        user_id="+59170000001",
+        messages=messages,
+        metadata={},
+        now="2026-01-01T00:01:00+00:00",
+        outbox=None,
+    )
+
+    assert store.history(keys).metadata == {"name": "Ana"}

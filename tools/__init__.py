@@ -1,0 +1,1 @@
+"""Small developer tools that are not part of the deployed product."""

@@ -1,0 +1,52 @@
+"""Every error leaves as JSON: clients (n8n) read `error` and `message`, never HTML."""
+
+from __future__ import annotations
+
+import logging
+
+import kombu.exceptions
+import redis
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN_RETRY_AFTER = 5
+
+UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    kombu.exceptions.OperationalError,
+)
+
+
+def error_response(status: int, error: str, message: str, **extra: object) -> Response:
+    response = jsonify({"error": error, "message": message, **extra})
+    response.status_code = status
+    return response
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    name = (exc.name or "error").lower().replace(" ", "_")
+    return error_response(code, name, exc.description or name)
+
+
+def _unavailable(exc: Exception) -> Response:
+    log.warning("redis unavailable: %s", exc.__class__.__name__)
+    response = error_response(503, "unavailable", "Redis is unreachable; try again shortly.")
+    response.headers["Retry-After"] = str(REDIS_DOWN_RETRY_AFTER)
+    return response
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return error_response(500, "internal_error", "Unexpected server error.")
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(HTTPException, _http_error)
+    for exc_type in UNAVAILABLE:
+        app.register_error_handler(exc_type, _unavailable)
+    app.register_error_handler(Exception, _unexpected)

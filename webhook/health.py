@@ -1,0 +1,32 @@
+"""Liveness (`/health`, no dependencies) and readiness (`/ready`, Redis and workers)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from common.keys import worker_heartbeat_pattern
+from webhook.errors import UNAVAILABLE, error_response
+from webhook.services import services
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health")
+def health() -> Response:
+    return jsonify(status="ok")
+
+
+@bp.get("/ready")
+def ready() -> Response | tuple[Response, int]:
+    svc = services()
+    try:
+        svc.redis.ping()
+        pattern = worker_heartbeat_pattern(svc.settings.key_prefix)
+        workers = sorted(
+            key.rsplit(":", 1)[-1] for key in svc.redis.scan_iter(match=pattern, count=100)
+        )
+    except UNAVAILABLE:
+        response = error_response(503, "unavailable", "Redis is unreachable.", redis="down")
+        response.headers["Retry-After"] = "5"
+        return response
+    return jsonify(status="ready", redis="ok", workers_seen=len(workers), workers=workers), 200

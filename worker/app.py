@@ -1,0 +1,58 @@
+"""The worker's Celery app: shared configuration, tasks, the heartbeat, model warm-up."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
+
+from common.logging_setup import configure_logging
+from common.metrics_setup import ensure_multiprocess_dir
+from common.queue import make_celery
+from common.settings import get_settings
+
+settings = get_settings()
+configure_logging(settings.log_level, settings.effective_log_format)
+if settings.worker_metrics_port:
+    ensure_multiprocess_dir("worker")  # before anything imports prometheus_client
+
+from worker.bootsteps import Heartbeat, RecoverySweep  # noqa: E402
+
+log = logging.getLogger(__name__)
+app = make_celery(settings)
+app.conf.include = ["worker.tasks"]
+app.steps["worker"].update({Heartbeat, RecoverySweep})
+
+
+def _load_model() -> None:
+    from worker.model import get_model
+
+    get_model()
+
+
+@worker_process_init.connect
+def _load_model_in_child(**_: Any) -> None:
+    """Prefork: each child loads the model once, before it takes its first task."""
+    _load_model()
+
+
+@worker_process_shutdown.connect
+def _forget_child_metrics(pid: int | None = None, **_: Any) -> None:
+    if settings.worker_metrics_port:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+@worker_init.connect
+def _start_worker(sender: Any = None, **_: Any) -> None:
+    """Serve metrics; with solo or thread pools, load the model here, once."""
+    if settings.worker_metrics_port:
+        from worker.metrics import serve
+
+        serve(settings)
+    pool = getattr(sender, "pool_cls", None)
+    pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(pool_name):
+        _load_model()

@@ -1,0 +1,141 @@
+"""Posting a reply to n8n: one attempt, classified as delivered, retryable or permanent.
+
+The retry schedule lives in the task that calls this (a scheduled Celery retry, not a
+sleep), so a slow n8n never holds a worker that could answer other conversations.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from time import time
+
+import requests
+from standardwebhooks.webhooks import Webhook
+
+from common.messages import CallbackPayload
+from common.settings import Settings
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+USER_AGENT = "n8n-whatsapp-reply-worker/0.1"
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+# A request that can never be sent as configured; retrying cannot help.
+PERMANENT_REQUEST_ERRORS = (
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    requests.exceptions.InvalidHeader,
+)
+
+
+class CallbackError(Exception):
+    """A failed delivery; `retryable` says whether trying again can help."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None):
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """`Retry-After` as seconds from now; it may be a number or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:  # HTTP dates without a zone (asctime form) are GMT
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, moment.timestamp() - (now if now is not None else time()))
+
+
+def backoff_seconds(
+    attempt: int,
+    *,
+    base: float,
+    cap: float = 300.0,
+    retry_after: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Exponential backoff with jitter (half to full step); a server's Retry-After wins."""
+    step = min(cap, base * (2**attempt))
+    delay = step * (0.5 + (rng or random).random() / 2)
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, cap))
+    return delay
+
+
+class CallbackClient:
+    """One reused HTTP session per worker process (keeps connections to n8n open).
+
+    With a secret, every attempt is signed the Standard Webhooks way: `webhook-id` is the
+    idempotency key (stable across retries), `webhook-timestamp` the time of this attempt,
+    `webhook-signature` an HMAC-SHA256 over id, timestamp and the exact body sent.
+    """
+
+    def __init__(
+        self,
+        timeout: float,
+        session: requests.Session | None = None,
+        secret: str | None = None,
+        clock: Callable[[], float] = time,
+    ) -> None:
+        self._timeout = timeout
+        self._session = session or requests.Session()
+        self._session.headers.update({"User-Agent": USER_AGENT})
+        self._signer = Webhook(secret) if secret else None
+        self._clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CallbackClient:
+        secret = settings.callback_secret
+        return cls(
+            timeout=settings.callback_timeout_seconds,
+            secret=secret.get_secret_value() if secret else None,
+        )
+
+    def _signature_headers(self, idempotency_key: str, body: str) -> dict[str, str]:
+        if self._signer is None:
+            return {}
+        moment = datetime.fromtimestamp(int(self._clock()), UTC)
+        return {
+            "webhook-id": idempotency_key,
+            "webhook-timestamp": str(int(moment.timestamp())),
+            "webhook-signature": self._signer.sign(idempotency_key, moment, body),
+        }
+
+    def post(self, url: str, payload: CallbackPayload, idempotency_key: str) -> int:
+        """POST the reply; the status code on 2xx, else CallbackError."""
+        body = payload.model_dump_json()
+        headers = {
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: idempotency_key,
+            **self._signature_headers(idempotency_key, body),
+        }
+        try:
+            response = self._session.post(
+                url,
+                data=body.encode(),
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except PERMANENT_REQUEST_ERRORS as exc:
+            raise CallbackError(f"{exc.__class__.__name__}: {exc}", retryable=False) from exc
+        except requests.RequestException as exc:
+            # Connection, timeout, cut-off response...: the idempotency key makes a retry safe.
+            raise CallbackError(f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
+        status = response.status_code
+        if 200 <= status < 300:
+            return status
+        raise CallbackError(
+            f"callback answered {status}",
+            retryable=status in RETRYABLE_STATUS,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )

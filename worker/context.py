@@ -1,0 +1,141 @@
+"""Turn a stored conversation into the token ids the model is asked to continue.
+
+Pure functions with no model and no torch, so the rules about what the model sees
+(merged bubbles, the token budget, which turns are dropped) are tested quickly and in one
+place. The tokenizer is duck-typed: anything with `encode`/`eos_token_id`, or with
+`apply_chat_template` when it has a `chat_template`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+Role = Literal["user", "assistant"]
+ROLES: frozenset[str] = frozenset({"user", "assistant"})
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One speaker's contribution; several WhatsApp bubbles in a row make a single turn."""
+
+    role: Role
+    content: str
+
+
+def merge_turns(messages: Iterable[tuple[str, str]]) -> list[Turn]:
+    """Merge consecutive same-role messages, oldest first, joined by newlines.
+
+    A user who types one thought as three bubbles expects one answer to the whole thought;
+    three separate user turns would read to the model as an unanswered exchange. Roles
+    other than user/assistant (system notes, unknown senders) are skipped, and skipping
+    them lets the turns around them merge.
+    """
+    turns: list[Turn] = []
+    for role, content in messages:
+        if role not in ROLES:
+            continue
+        if turns and turns[-1].role == role:
+            turns[-1] = Turn(cast(Role, role), f"{turns[-1].content}\n{content}")
+        else:
+            turns.append(Turn(cast(Role, role), content))
+    return turns
+
+
+def build_input_ids(
+    tokenizer: Any,
+    turns: Sequence[Turn],
+    *,
+    max_context_tokens: int,
+    max_new_tokens: int,
+    system_prompt: str = "",
+) -> list[int]:
+    """Token ids of the newest turns that fit, leaving room for `max_new_tokens`.
+
+    Models with a chat template get it applied, with the system prompt first and the
+    assistant generation prompt last. Models without one (DialoGPT) get each turn's text
+    followed by the EOS token, which is how DialoGPT was trained; it has no system role,
+    so `system_prompt` is ignored for them.
+
+    Old turns are dropped whole, never cut, so that the model never sees half a sentence;
+    only a single newest turn that is longer than the whole budget is cut, keeping its end
+    (the part nearest to the reply).
+    """
+    budget = max_context_tokens - max_new_tokens
+    if budget < 1:
+        raise ValueError(
+            f"no room for the prompt: max_context_tokens ({max_context_tokens}) must exceed "
+            f"max_new_tokens ({max_new_tokens}); lower MAX_NEW_TOKENS"
+        )
+    if not turns:
+        raise ValueError("no turns to answer: the conversation is empty")
+    if getattr(tokenizer, "chat_template", None):
+        return _chat_template_ids(tokenizer, turns, budget, system_prompt)
+    return _eos_joined_ids(tokenizer, turns, budget)
+
+
+def _eos_joined_ids(tokenizer: Any, turns: Sequence[Turn], budget: int) -> list[int]:
+    """DialoGPT layout: `turn EOS turn EOS ...`, each turn encoded exactly once."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has neither a chat template nor an EOS token")
+    kept: list[list[int]] = []
+    used = 0
+    for turn in reversed(turns):
+        ids = [*tokenizer.encode(turn.content, add_special_tokens=False), eos]
+        if used + len(ids) > budget:
+            if not kept:
+                kept.append(ids[-budget:])
+            break
+        kept.append(ids)
+        used += len(ids)
+    return [token for ids in reversed(kept) for token in ids]
+
+
+def _chat_template_ids(
+    tokenizer: Any, turns: Sequence[Turn], budget: int, system_prompt: str
+) -> list[int]:
+    """Apply the template to the longest suffix of `turns` that fits the budget.
+
+    Only suffixes starting with a user turn are tried (besides the full history and the
+    last turn alone), because many templates reject a conversation that opens with the
+    assistant. A binary search keeps the number of renders logarithmic, relying on a
+    shorter suffix never rendering longer.
+    """
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    starts = sorted(
+        {0, len(turns) - 1} | {i for i, turn in enumerate(turns) if turn.role == "user"}
+    )
+
+    def render(start: int) -> list[int]:
+        messages = head + [{"role": t.role, "content": t.content} for t in turns[start:]]
+        rendered = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return _as_id_list(rendered)
+
+    low, high = 0, len(starts) - 1
+    best: list[int] | None = None
+    while low <= high:
+        middle = (low + high) // 2
+        ids = render(starts[middle])
+        if len(ids) <= budget:
+            best, high = ids, middle - 1
+        else:
+            low = middle + 1
+    if best is not None:
+        return best
+    return render(starts[-1])[-budget:]
+
+
+def _as_id_list(rendered: Any) -> list[int]:
+    """`apply_chat_template` returns a list, a batch of one, or a BatchEncoding by version."""
+    if isinstance(rendered, Mapping):
+        rendered = rendered["input_ids"]
+    if hasattr(rendered, "tolist"):
+        rendered = rendered.tolist()
+    ids = list(rendered)
+    if ids and isinstance(ids[0], list):
+        ids = ids[0]
+    return [int(token) for token in ids]

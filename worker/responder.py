@@ -1,0 +1,231 @@
+"""Answering one conversation: lock, claim, generate, commit, deliver, look again.
+
+Plain code with its collaborators passed in, so it runs the same under Celery and in a
+test. The guarantees of DESIGN.md live here:
+- one generation at a time per session (a Redis lock with a token and an expiry);
+- everything pending is answered together as one user turn (the claim takes it all);
+- after releasing the lock the inbox is checked once more, so a message that arrived
+  during generation, whose own task found the lock taken and left, is never stranded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis
+
+from common.conversation_store import ConversationStore
+from common.inbox import Batch, Inbox
+from common.keys import SessionKeys, session_keys
+from common.messages import (
+    CallbackPayload,
+    OutboxEntry,
+    PendingMessage,
+    StoredMessage,
+    utc_now_iso,
+)
+from common.privacy import mask_phone
+from common.settings import Settings
+from worker.context import Turn, merge_turns
+from worker.metrics import REPLIES
+from worker.session_lock import session_lock
+
+log = logging.getLogger(__name__)
+
+# A busy conversation is answered in a few rounds per task, then handed to a fresh task,
+# so one task never runs into its time limit.
+MAX_ROUNDS_PER_TASK = 4
+
+Generate = Callable[[Sequence[Turn]], str]
+Deliver = Callable[[OutboxEntry], bool]
+Requeue = Callable[[str, float], None]  # session id, countdown in seconds
+
+
+def idempotency_key(session_id: str, message_ids: Sequence[str]) -> str:
+    """Same messages → same key, on every retry and redelivery, so n8n can drop repeats."""
+    digest = hashlib.sha256("\n".join([session_id, *message_ids]).encode()).hexdigest()
+    return digest[:32]
+
+
+def trim_reply(text: str, limit: int) -> str:
+    """Keep a reply within WhatsApp's limit, cutting at a word boundary with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space >= limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Responder:
+    client: redis.Redis
+    settings: Settings
+    inbox: Inbox
+    store: ConversationStore
+    generate: Generate
+    deliver: Deliver
+    requeue: Requeue
+    model_name: str
+
+    def answer(self, session_id: str) -> int:
+        """Answer what is pending for a session; the number of replies made."""
+        keys = session_keys(self.settings.key_prefix, session_id)
+        replies = 0
+        for _ in range(MAX_ROUNDS_PER_TASK):
+            with session_lock(self.client, keys.lock, self.settings.lock_timeout_seconds) as held:
+                if not held:
+                    return replies  # the holder will see our messages after it releases
+                wait = self._debounce_wait(keys)
+                if wait > 0:
+                    self.requeue(session_id, wait)
+                    return replies
+                batch = self.inbox.claim(keys)
+                if batch:
+                    self._answer_batch(session_id, keys, batch)
+                    replies += 1
+            if not batch or not self.inbox.has_pending(keys):
+                return replies
+        self.requeue(session_id, 0)
+        return replies
+
+    def _debounce_wait(self, keys: SessionKeys) -> float:
+        """Seconds to wait for the user to stop typing (0: answer now).
+
+        Waits while the newest message is younger than DEBOUNCE_SECONDS, but never past
+        DEBOUNCE_MAX_WAIT_SECONDS after the oldest; a claim left by a crash never waits.
+        """
+        s = self.settings
+        if s.debounce_seconds <= 0:
+            return 0.0
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(keys.processing)
+        pipe.lindex(keys.inbox, 0)
+        pipe.lindex(keys.inbox, -1)
+        in_processing, oldest, newest = pipe.execute()
+        if in_processing or oldest is None:
+            return 0.0
+        now = time.time()
+        quiet_left = s.debounce_seconds - (
+            now - PendingMessage.model_validate_json(newest).received_at
+        )
+        cap_left = s.debounce_max_wait_seconds - (
+            now - PendingMessage.model_validate_json(oldest).received_at
+        )
+        return max(0.0, min(quiet_left, cap_left))
+
+    def _reply_text(
+        self, keys: SessionKeys, batch: Batch
+    ) -> tuple[str, list[PendingMessage], bool]:
+        """The reply for a batch, the messages to store, and whether to start afresh.
+
+        A reset command forgets everything before it (in history and in the batch); what
+        follows it in the batch starts the new conversation. Messages we cannot read
+        (images, audio…) get the fixed NON_TEXT_REPLY unless text came with them.
+        """
+        s = self.settings
+        messages = batch.messages
+        resets = [i for i, m in enumerate(messages) if m.kind == "reset"]
+        after_reset = messages[resets[-1] + 1 :] if resets else messages
+        texts = [m for m in after_reset if m.kind == "text"]
+        if texts:
+            history = [] if resets else self.store.turns(keys)
+            turns = merge_turns(
+                [(m.role, m.content) for m in history] + [("user", m.text) for m in texts]
+            )
+            text = self.generate(turns)
+        elif resets and not after_reset:
+            text = s.reset_reply
+            REPLIES.labels("fixed").inc()
+        else:
+            text = s.non_text_reply
+            REPLIES.labels("fixed").inc()
+        return trim_reply(text, s.max_reply_chars), after_reset, bool(resets)
+
+    def _answer_batch(self, session_id: str, keys: SessionKeys, batch: Batch) -> None:
+        reply_text, kept, fresh = self._reply_text(keys, batch)
+        now = utc_now_iso()
+        ids = [m.message_id for m in batch.messages]
+        key = idempotency_key(session_id, ids)
+        last = batch.messages[-1]
+        started = int(batch.messages[0].received_at)
+        conversation_id = (
+            f"conv_{last.sender}_{started}"
+            if fresh
+            else self.store.conversation_id(keys, last.sender, started)
+        )
+        stored = [
+            StoredMessage(
+                message_id=m.message_id,
+                role="user",
+                content=m.text,
+                timestamp=_iso(m.received_at),
+                metadata=m.metadata,
+            )
+            for m in kept
+        ]
+        stored.append(
+            StoredMessage(
+                message_id=f"reply_{key}",
+                role="assistant",
+                content=reply_text,
+                timestamp=now,
+                metadata={"model": self.model_name, "in_reply_to": ids},
+            )
+        )
+        payload = CallbackPayload(
+            to=last.sender,
+            session_id=session_id,
+            reply=reply_text,
+            in_reply_to=ids,
+            conversation_id=conversation_id,
+            metadata=last.metadata,
+            model=self.model_name,
+            generated_at=now,
+            latency_ms=int((time.time() - batch.messages[0].received_at) * 1000),
+        )
+        url = last.callback_url or str(self.settings.n8n_callback_url or "")
+        entry = None
+        if url:
+            entry = OutboxEntry(
+                session_id=session_id,
+                idempotency_key=key,
+                url=url,
+                payload=payload,
+                created_at=time.time(),
+                next_attempt_at=time.time(),
+            )
+        else:
+            log.error("no callback URL for reply %s; set N8N_CALLBACK_URL", key)
+        committed = self.store.commit(
+            keys,
+            batch,
+            conversation_id=conversation_id,
+            user_id=last.sender,
+            messages=stored,
+            metadata={"name": last.name} if last.name else {},
+            now=now,
+            outbox=entry,
+            fresh=fresh,
+        )
+        if not committed:
+            log.warning("claim of session was taken over; reply dropped, not doubled")
+            return
+        log.info(
+            "replied to=%s messages=%d latency_ms=%d",
+            mask_phone(last.sender),
+            len(batch.messages),
+            payload.latency_ms,
+        )
+        if entry is not None:
+            self.deliver(entry)
