@@ -52,10 +52,22 @@ class Settings(BaseSettings):
     )
     task_max_retries: int = Field(default=3, ge=0)
     worker_metrics_port: int = Field(default=9100, ge=0, le=65535, description="0: off.")
+    generation_batch_size: int = Field(
+        default=8, ge=1, le=256, description="Most replies one generate call makes; 1: off."
+    )
+    generation_batch_wait_ms: float = Field(
+        default=5, ge=0, le=1000, description="How long an idle batcher waits for company."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="0: one per core, shared among prefork processes."
+    )
 
     # --- Model ---------------------------------------------------------------------------
     model_name: str = "microsoft/DialoGPT-medium"
     device: str = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
     max_new_tokens: int = Field(default=64, gt=0)
     min_new_tokens: int = Field(default=0, ge=0)
     do_sample: bool = True

@@ -138,10 +138,10 @@ def gunicorn_command(port: int, workers: int = 2) -> list[str]:
     ]  # fmt: skip
 
 
-def celery_worker_command(name: str, concurrency: int = 2) -> list[str]:
+def celery_worker_command(name: str, concurrency: int = 2, pool: str = "prefork") -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "worker", "worker",
-        "--pool", "prefork",
+        "--pool", pool,
         "--concurrency", str(concurrency),
         "--hostname", f"{name}@%h",
         "--loglevel", "INFO",

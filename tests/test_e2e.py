@@ -1,5 +1,9 @@
-"""End to end: a real gunicorn webhook, a real Celery worker (prefork, two processes) on
-a tiny model loaded through `from_pretrained`, and a local server playing n8n."""
+"""End to end: a real gunicorn webhook, a real Celery worker on a tiny model loaded through
+`from_pretrained`, and a local server playing n8n.
+
+Every test runs against both pools the product supports: prefork (two child processes,
+a model each) and threads (one process, one model, replies merged into batches).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +40,10 @@ from worker.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
-WORKER_PROCESSES = 2
+WORKER_PROCESSES = 2  # prefork children
+WORKER_THREADS = 4
+# Model loads expected per worker: one per prefork child, one for the threads pool.
+MODEL_COPIES = {"prefork": WORKER_PROCESSES, "threads": 1}
 # Long enough replies that a burst posted during one generation lands inside it.
 REPLY_TOKENS = 96
 
@@ -49,6 +57,7 @@ class System:
     worker_log: Path
     env: dict[str, str]
     workdir: Path
+    pool: str
 
     @property
     def worker_metrics_url(self) -> str:
@@ -58,9 +67,12 @@ class System:
         return requests.post(f"{self.base_url}/webhook", json=message, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def system(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    workdir = tmp_path_factory.mktemp("e2e")
+@pytest.fixture(scope="module", params=["prefork", "threads"])
+def system(
+    request: pytest.FixtureRequest, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
+    pool: str = request.param
+    workdir = tmp_path_factory.mktemp(f"e2e-{pool}")
     model_dir = build_tiny_model(workdir / "model", layers=2, width=96, heads=2, context=384)
     unique = uuid.uuid4().hex[:10]
     prefix = f"e2e-{unique}"
@@ -78,13 +90,16 @@ def system(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 "DO_SAMPLE": "false",
                 "RATE_LIMIT_PER_MINUTE": "0",
                 "CALLBACK_RETRY_BACKOFF_SECONDS": "1",
+                # Lets the first of a few messages posted together wait for the others.
+                "GENERATION_BATCH_WAIT_MS": "50",
                 "LOG_LEVEL": "INFO",
             }
         )
         port, metrics_port = free_port(), free_port()
         env["WORKER_METRICS_PORT"] = str(metrics_port)
         worker_log, web_log = workdir / "worker.log", workdir / "web.log"
-        worker_cmd = celery_worker_command(f"e2e-{unique}", WORKER_PROCESSES)
+        concurrency = WORKER_PROCESSES if pool == "prefork" else WORKER_THREADS
+        worker_cmd = celery_worker_command(f"e2e-{unique}", concurrency, pool)
         with (
             running(worker_cmd, env, worker_log, cwd=workdir),
             running(gunicorn_command(port), env, web_log, cwd=workdir),
@@ -93,14 +108,15 @@ def system(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             wait_until(lambda: http_ok(f"{base_url}/health"), 30, "gunicorn", web_log)
             wait_until(
                 lambda: (
-                    worker_log.read_text(errors="replace").count("model loaded") >= WORKER_PROCESSES
+                    worker_log.read_text(errors="replace").count("model loaded")
+                    >= MODEL_COPIES[pool]
                     and bool(list(client.scan_iter(match=worker_heartbeat_pattern(prefix))))
                 ),
                 120,
                 "celery worker",
                 worker_log,
             )
-            yield System(base_url, receiver, client, prefix, worker_log, env, workdir)
+            yield System(base_url, receiver, client, prefix, worker_log, env, workdir, pool)
     for key in client.scan_iter(match=f"{prefix}:*"):
         client.delete(key)
     client.close()
@@ -282,6 +298,39 @@ def test_metrics_move_after_real_requests(system: System):
     assert "worker_queue_depth" in worker
 
 
+def test_concurrent_conversations_share_generate_calls_on_the_threads_pool(system: System):
+    sessions = [new_session() for _ in range(WORKER_THREADS)]
+    batches = "worker_generation_batch_size_count"
+    replies = "worker_generation_batch_size_sum"
+    before = requests.get(system.worker_metrics_url, timeout=5).text
+
+    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+        statuses = list(
+            pool.map(
+                lambda s: (
+                    system.post(message_id=f"batch-{s[-4:]}", **{"from": s}, text="hola").status_code
+                ),
+                sessions,
+            )
+        )
+    system.receiver.wait_for(
+        lambda got: {c.body["session_id"] for c in got} >= set(sessions), timeout=60
+    )
+    time.sleep(0.5)
+    after = requests.get(system.worker_metrics_url, timeout=5).text
+
+    assert statuses == [202] * len(sessions)
+    for session in sessions:
+        [callback] = system.receiver.for_session(session)
+        assert callback.body["in_reply_to"] == [f"batch-{session[-4:]}"]
+    assert _sample(after, replies) - _sample(before, replies) == len(sessions)
+    generate_calls = _sample(after, batches) - _sample(before, batches)
+    if system.pool == "threads":
+        assert generate_calls < len(sessions), "no two conversations shared a generate call"
+    else:
+        assert generate_calls == len(sessions)  # one task, one reply at a time per child
+
+
 def test_cli_send_posts_and_prints_the_reply(system: System):
     result = subprocess.run(
         [
@@ -303,9 +352,10 @@ def test_model_is_loaded_once_per_worker_process(system: System):
     loads = re.findall(r"model loaded .* pid=(\d+)", log)
     tasks_run = len(re.findall(r"Task worker\.reply_to_session\[[^\]]+\] succeeded", log))
 
-    assert tasks_run > 2 * WORKER_PROCESSES
-    assert len(loads) == WORKER_PROCESSES
-    assert len(set(loads)) == WORKER_PROCESSES
+    copies = MODEL_COPIES[system.pool]
+    assert tasks_run > 2 * copies
+    assert len(loads) == copies
+    assert len(set(loads)) == copies
 
 
 def test_process_logs_carry_no_raw_phone_number(system: System):

@@ -156,7 +156,11 @@ def test_sampling_passes_its_flags(
 
     assert 2 <= reply.new_tokens <= 8
     assert spy.kwargs["do_sample"] is True
-    assert (spy.kwargs["temperature"], spy.kwargs["top_k"], spy.kwargs["top_p"]) == (0.9, 20, 0.8)
+    assert (spy.kwargs["temperature"], spy.kwargs["top_k"]) == (0.9, 20)
+    # top-p is applied among the top-k by worker.sampling, not by transformers' full sort.
+    assert spy.kwargs["top_p"] == 1.0
+    [nucleus] = spy.kwargs["logits_processor"]
+    assert (nucleus.top_p, nucleus.top_k) == (0.8, 20)
     assert spy.kwargs["min_new_tokens"] == 2
     assert "no_repeat_ngram_size" not in spy.kwargs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
@@ -54,5 +55,20 @@ def _start_worker(sender: Any = None, **_: Any) -> None:
         serve(settings)
     pool = getattr(sender, "pool_cls", None)
     pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-    if "prefork" not in str(pool_name):
+    if "prefork" in str(pool_name):
+        _share_cores_among_children(int(getattr(sender, "concurrency", 1) or 1))
+    else:
         _load_model()
+
+
+def _share_cores_among_children(children: int) -> None:
+    """Give each prefork child its share of the cores (read back by worker.model).
+
+    Set in the parent before the fork, through the variable torch itself reads, unless
+    the operator chose a number (TORCH_THREADS or OMP_NUM_THREADS).
+    """
+    if settings.torch_threads or os.environ.get("OMP_NUM_THREADS"):
+        return
+    share = max(1, (os.cpu_count() or 1) // max(1, children))
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    log.info("torch threads per child: %d (%d children)", share, children)

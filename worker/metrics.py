@@ -1,13 +1,16 @@
 """Worker metrics, served by the worker's main process on WORKER_METRICS_PORT.
 
 Counters are written by the prefork children (multiprocess mode) and merged at scrape
-time; queue depth and dead letters are read from Redis when Prometheus asks.
+time; queue depth (from the broker) and dead letters (from REDIS_URL) are read when
+Prometheus asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import redis
 from prometheus_client import Counter, Histogram, start_http_server
@@ -32,6 +35,11 @@ REPLIES = Counter(
     "Replies stored, by where their text came from",
     ["source"],  # model, fallback, fixed (reset confirmation or non-text reply)
 )
+GENERATION_BATCH_SIZE = Histogram(
+    "worker_generation_batch_size",
+    "Replies made by one generate call (micro-batching merges concurrent tasks)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 CALLBACKS = Counter(
     "worker_callback_attempts_total",
     "Callback attempts by outcome",
@@ -39,21 +47,47 @@ CALLBACKS = Counter(
 )
 
 
-class RedisGauges(Collector):
-    """Read at scrape time: work waiting for a worker, and replies nobody received."""
+def broker_client(settings: Settings) -> redis.Redis | None:
+    """A client of the broker's Redis (BROKER_URL, else REDIS_URL); None for another kind."""
+    url = settings.effective_broker_url
+    if url == settings.redis_url:
+        return connect(settings)
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        log.warning("worker_queue_depth not served: the broker (%s://) is not a Redis", scheme)
+        return None
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_socket_timeout,
+    )
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+
+class RedisGauges(Collector):
+    """Read at scrape time: work waiting for a worker, and replies nobody received.
+
+    The queue lives in the broker, the dead letters with the conversations; either gauge
+    is left out of a scrape while its Redis does not answer.
+    """
+
+    def __init__(
+        self, client: redis.Redis, settings: Settings, broker: redis.Redis | None = None
+    ) -> None:
         self._client = client
         self._settings = settings
+        self._broker = broker if broker is not None else broker_client(settings)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        try:
-            depth = self._client.llen(self._settings.task_queue)
+        if self._broker is not None:
+            with contextlib.suppress(redis.RedisError):
+                depth = self._broker.llen(self._settings.task_queue)
+                yield GaugeMetricFamily(
+                    "worker_queue_depth", "Tasks waiting in the broker queue", depth
+                )
+        with contextlib.suppress(redis.RedisError):
             dead = self._client.hlen(dead_letters(self._settings.key_prefix))
-        except redis.RedisError:
-            return
-        yield GaugeMetricFamily("worker_queue_depth", "Tasks waiting in the broker queue", depth)
-        yield GaugeMetricFamily("worker_dead_letters", "Replies in the dead-letter store", dead)
+            yield GaugeMetricFamily("worker_dead_letters", "Replies in the dead-letter store", dead)
 
 
 def serve(settings: Settings) -> None:

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 from transformers.utils import logging as hf_logging
 
 from common.settings import Settings, get_settings
+from worker.batching import MicroBatcher
 from worker.context import Turn, build_input_ids
+from worker.metrics import GENERATION_BATCH_SIZE
+from worker.sampling import TopPAmongTopK
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`auto`: half precision where it is fast and safe (CUDA), full precision on CPU."""
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
 def context_size(config: Any, tokenizer: Any) -> int:
     """The longest prompt plus reply the model can attend to.
 
@@ -58,8 +68,25 @@ def context_size(config: Any, tokenizer: Any) -> int:
     return int(size or DEFAULT_CONTEXT_TOKENS)
 
 
+def configure_torch_threads(settings: Settings) -> None:
+    """Apply TORCH_THREADS; 0 keeps torch's choice, or OMP_NUM_THREADS when the worker set it.
+
+    Torch starts one thread per core in every process. Two prefork children on two cores
+    would then run four threads that spin against each other, so the worker divides the
+    cores among its children (worker.app) and each child applies its share here.
+    """
+    threads = settings.torch_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 class ChatModel:
-    """A tokenizer and model pair with the generation settings of this deployment."""
+    """A tokenizer and model pair with the generation settings of this deployment.
+
+    Safe to share between threads: tokenizer calls are serialised by a lock (fast
+    tokenizers refuse concurrent use), and generation goes through one `MicroBatcher`, so
+    concurrent callers are answered by batched `generate` calls from a single thread.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, settings: Settings, device: str) -> None:
         self.model = model
@@ -68,52 +95,96 @@ class ChatModel:
         self.name = settings.model_name
         self.device = device
         self.max_context_tokens = context_size(model.config, tokenizer)
+        self._tokenizer_lock = threading.Lock()
+        self._eos_id: int | None = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
+        self._pad_id: int = pad if pad is not None else (self._eos_id or 0)
+        self._generation_kwargs = self._build_generation_kwargs()
+        self._batcher: MicroBatcher[list[int], list[int]] = MicroBatcher(
+            self.generate_batch,
+            max_batch_size=settings.generation_batch_size,
+            max_wait_seconds=settings.generation_batch_wait_ms / 1000,
+            name="generation-batcher",
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> ChatModel:
         """Load from a hub name or a local directory (see `worker.tiny_model`)."""
         device = resolve_device(settings.device)
+        configure_torch_threads(settings)
         hf_logging.disable_progress_bar()  # progress bars in worker logs are noise
         tokenizer = AutoTokenizer.from_pretrained(settings.model_name)
-        model = AutoModelForCausalLM.from_pretrained(settings.model_name)
+        model = AutoModelForCausalLM.from_pretrained(
+            settings.model_name, dtype=resolve_dtype(settings.model_dtype, device)
+        )
         model.eval()
         model.to(device)
         return cls(model, tokenizer, settings, device)
 
     def reply(self, turns: Sequence[Turn]) -> GeneratedReply:
-        """Continue the conversation as the assistant; never returns an empty text."""
-        settings = self.settings
-        input_ids = build_input_ids(
-            self.tokenizer,
-            turns,
-            max_context_tokens=self.max_context_tokens,
-            max_new_tokens=settings.max_new_tokens,
-            system_prompt=settings.system_prompt,
-        )
-        inputs = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                **self._generation_kwargs(),
+        """Continue the conversation as the assistant; never returns an empty text.
+
+        Blocks until the reply is ready; concurrent calls share batches.
+        """
+        new_ids = self._batcher.submit(self.prompt_ids(turns))
+        return self.finish(new_ids)
+
+    def prompt_ids(self, turns: Sequence[Turn]) -> list[int]:
+        """The token ids the model continues (newest turns that fit, see worker.context)."""
+        with self._tokenizer_lock:
+            return build_input_ids(
+                self.tokenizer,
+                turns,
+                max_context_tokens=self.max_context_tokens,
+                max_new_tokens=self.settings.max_new_tokens,
+                system_prompt=self.settings.system_prompt,
             )
-        new_ids = output[0, inputs.shape[1] :].tolist()
-        text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+    def finish(self, new_ids: Sequence[int]) -> GeneratedReply:
+        """Decode generated ids; an empty or blank generation becomes the fallback text."""
+        with self._tokenizer_lock:
+            text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         if not text:
-            return GeneratedReply(settings.fallback_reply, len(new_ids), used_fallback=True)
+            return GeneratedReply(self.settings.fallback_reply, len(new_ids), used_fallback=True)
         return GeneratedReply(text, len(new_ids), used_fallback=False)
 
-    def _generation_kwargs(self) -> dict[str, Any]:
+    def generate_batch(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """New token ids for each prompt, from one `generate` call over the whole batch.
+
+        Prompts are padded on the left with an attention mask, so every row ends where its
+        reply starts; transformers derives position ids from the mask, which keeps a
+        padded row's greedy reply identical to the same prompt generated alone. A row
+        that finished early is cut after its EOS, as a lone `generate` would have stopped.
+        """
+        GENERATION_BATCH_SIZE.observe(len(prompts))
+        width = max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, width - len(prompt) :] = 1
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                **self._generation_kwargs,
+            )
+        return [self._until_eos(row) for row in output[:, width:].tolist()]
+
+    def _until_eos(self, ids: list[int]) -> list[int]:
+        if self._eos_id is not None and self._eos_id in ids:
+            return ids[: ids.index(self._eos_id) + 1]
+        return ids
+
+    def _build_generation_kwargs(self) -> dict[str, Any]:
         """Only the flags that apply, so transformers has no unused option to warn about."""
         settings = self.settings
-        eos = self.tokenizer.eos_token_id
-        pad = self.tokenizer.pad_token_id
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "do_sample": settings.do_sample,
             "repetition_penalty": settings.repetition_penalty,
-            "pad_token_id": pad if pad is not None else eos,
-            "eos_token_id": eos,
+            "pad_token_id": self._pad_id,
+            "eos_token_id": self._eos_id,
         }
         if settings.min_new_tokens > 0:
             kwargs["min_new_tokens"] = settings.min_new_tokens
@@ -123,6 +194,12 @@ class ChatModel:
             kwargs["temperature"] = settings.temperature
             kwargs["top_k"] = settings.top_k
             kwargs["top_p"] = settings.top_p
+            if settings.top_k > 0 and settings.top_p < 1:
+                # Same filtering, without sorting the whole vocabulary (worker.sampling).
+                kwargs["top_p"] = 1.0
+                kwargs["logits_processor"] = LogitsProcessorList(
+                    [TopPAmongTopK(settings.top_p, settings.top_k)]
+                )
         return kwargs
 
 

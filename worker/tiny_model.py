@@ -120,8 +120,13 @@ def build_tiny_model(
     context: int = 256,
     chat_template: bool = False,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
-    """Write a loadable `from_pretrained` directory; the same seed gives the same weights."""
+    """Write a loadable `from_pretrained` directory; the same seed gives the same weights.
+
+    `vocab_size` above the tokenizer's widens the embedding and output layers only, so a
+    benchmark can give the model the exact shape (and cost) of a real one (GPT-2: 50257).
+    """
     if width % heads:
         raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
     target = Path(path)
@@ -132,7 +137,7 @@ def build_tiny_model(
 
     eos_id = tokenizer.eos_token_id
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         n_positions=context,
         n_embd=width,
         n_layer=layers,

@@ -1,0 +1,213 @@
+"""Generation throughput: one `generate` per message against micro-batched generation.
+
+Random-weight GPT-2 models with the exact shapes of DialoGPT-small (12 layers, width 768)
+and DialoGPT-medium (24 x 1024), with GPT-2's 50257-token output layer: the arithmetic
+per token is the same as with the real weights. Every reply is exactly `--tokens` long
+(`min_new_tokens` = `max_new_tokens`), with the product's default sampling settings.
+
+N threads play N concurrent conversations (as N Celery threads of one worker would), each
+asking for `--rounds` replies in a row, through:
+- naive-concurrent: each thread calls `generate` for its own message, all at once;
+- naive-serial: one `generate` at a time (what a solo or one-thread worker does);
+- batched: the product's path, `ChatModel.reply` through the micro-batcher.
+
+    python -m bench.generation [--shapes small medium] [--concurrency 1 4 16] [--dtype ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from common.settings import Settings
+from worker.context import Turn
+from worker.model import ChatModel, GeneratedReply
+from worker.tiny_model import build_tiny_model
+
+SHAPES = {
+    "small": {"layers": 12, "width": 768, "heads": 12},
+    "medium": {"layers": 24, "width": 1024, "heads": 16},
+}
+GPT2_VOCAB = 50257
+DIALOGPT_CONTEXT = 1024
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# Short WhatsApp-like exchanges of different lengths (prompts of about 10-60 tokens).
+OPENERS = [
+    "hola, quiero saber si tienen envíos a Cochabamba",
+    "Hi! Is the shop open on Sunday?",
+    "my order has not arrived yet, can you check it please",
+    "¿cuánto cuesta el plan mensual?",
+    "thanks",
+    "I would like to change the delivery address of my last order to my office",
+]
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    path: str
+    concurrency: int
+    replies: int
+    seconds: float
+    replies_per_s: float
+    tokens_per_s: float
+    p50_reply_s: float
+
+
+def conversation(index: int) -> list[Turn]:
+    opener = OPENERS[index % len(OPENERS)]
+    turns = [Turn("user", opener)]
+    for extra in range(index % 3):
+        turns += [Turn("assistant", "Claro, un momento."), Turn("user", f"{opener} ({extra})")]
+    return turns
+
+
+def settings_for(model_dir: Path, tokens: int, batch_size: int, dtype: str) -> Settings:
+    return Settings(
+        _env_file=None,
+        model_name=str(model_dir),
+        device="cpu",
+        model_dtype=dtype,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        generation_batch_size=batch_size,
+        generation_batch_wait_ms=5,
+    )
+
+
+def run_threads(
+    ask: Callable[[Sequence[Turn]], GeneratedReply], concurrency: int, rounds: int
+) -> tuple[float, int, list[float]]:
+    """Wall time, tokens generated and per-reply latencies of `concurrency` x `rounds` replies."""
+    latencies: list[float] = []
+    tokens = 0
+    lock = threading.Lock()
+
+    def conversation_thread(index: int) -> None:
+        nonlocal tokens
+        turns = conversation(index)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            reply = ask(turns)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                tokens += reply.new_tokens
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(conversation_thread, range(concurrency)))
+    return time.perf_counter() - started, tokens, latencies
+
+
+def measure(
+    shape: str,
+    dtype: str,
+    model_dir: Path,
+    concurrency_levels: Sequence[int],
+    tokens: int,
+    rounds: int,
+    paths: Sequence[str],
+) -> list[Row]:
+    batched = ChatModel.load(settings_for(model_dir, tokens, max(concurrency_levels), dtype))
+    # The naive paths share the batched model's weights: same numbers, no second copy.
+    naive = ChatModel(
+        batched.model, batched.tokenizer, settings_for(model_dir, tokens, 1, dtype), "cpu"
+    )
+    serial_lock = threading.Lock()
+
+    def naive_serial(turns: Sequence[Turn]) -> GeneratedReply:
+        with serial_lock:
+            return naive.reply(turns)
+
+    asks = {"naive-concurrent": naive.reply, "naive-serial": naive_serial, "batched": batched.reply}
+    run_threads(batched.reply, 2, 1)  # warm-up: first calls allocate and pick kernels
+    rows = []
+    for concurrency in concurrency_levels:
+        for path in paths:
+            seconds, generated, latencies = run_threads(asks[path], concurrency, rounds)
+            replies = concurrency * rounds
+            row = Row(
+                shape=shape,
+                dtype=dtype,
+                path=path,
+                concurrency=concurrency,
+                replies=replies,
+                seconds=round(seconds, 2),
+                replies_per_s=round(replies / seconds, 3),
+                tokens_per_s=round(generated / seconds, 1),
+                p50_reply_s=round(statistics.median(latencies), 2),
+            )
+            print(json.dumps(asdict(row)), flush=True)
+            rows.append(row)
+    return rows
+
+
+def table(rows: Sequence[Row]) -> str:
+    lines = [
+        "| shape | dtype | conversations | path | replies/s | tokens/s | p50 reply (s) "
+        "| vs best naive |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        naive = [
+            other.replies_per_s
+            for other in rows
+            if other.path.startswith("naive")
+            and (other.shape, other.dtype, other.concurrency)
+            == (row.shape, row.dtype, row.concurrency)
+        ]
+        ratio = f"{row.replies_per_s / max(naive):.2f}x" if naive else ""
+        lines.append(
+            f"| {row.shape} | {row.dtype} | {row.concurrency} | {row.path} | "
+            f"{row.replies_per_s:.2f} | {row.tokens_per_s:.0f} | {row.p50_reply_s:.2f} | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply")
+    parser.add_argument("--rounds", type=int, default=2, help="replies per conversation")
+    parser.add_argument("--dtype", nargs="+", default=["float32"])
+    parser.add_argument(
+        "--paths", nargs="+", default=["naive-concurrent", "naive-serial", "batched"]
+    )
+    args = parser.parse_args(argv)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
+        for shape in args.shapes:
+            model_dir = build_tiny_model(
+                Path(tmp) / shape,
+                context=DIALOGPT_CONTEXT,
+                vocab_size=GPT2_VOCAB,
+                **SHAPES[shape],
+            )
+            for dtype in args.dtype:
+                rows += measure(
+                    shape, dtype, model_dir, args.concurrency, args.tokens, args.rounds, args.paths
+                )
+    RESULTS_DIR.mkdir(exist_ok=True)
+    (RESULTS_DIR / "generation.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
