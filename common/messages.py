@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     HttpUrl,
@@ -17,10 +18,79 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import to_json
+
+# Metadata is stored with every message, kept in history and echoed in the callback:
+# shallow enough for any JSON serializer (pydantic's stops at ~255 levels), and small.
+METADATA_MAX_DEPTH = 32
+METADATA_MAX_BYTES = 16 * 1024
+_NOT_UNICODE = "is not valid Unicode text (it contains a lone surrogate)"
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unicode_text(value: object) -> object:
+    """JSON may escape a lone surrogate ("\\ud800"): Python decodes it, but it cannot be
+    encoded as UTF-8, so storing it would fail after the request was taken. Refuse it."""
+    if isinstance(value, str) and not _is_unicode(value):
+        raise ValueError(_NOT_UNICODE)
+    return value
+
+
+# A string that can be stored: Redis values and the callback body are UTF-8 JSON.
+Utf8Str = Annotated[StrictStr, BeforeValidator(_unicode_text)]
 
 # Identifiers end up inside Redis key names: no whitespace, and no braces, which would
-# break the `{session}` hash tag that keeps a conversation in one cluster slot.
-Identifier = Annotated[StrictStr, StringConstraints(pattern=r"^[^\s{}]+$", min_length=1)]
+# break the `{session}` hash tag that keeps a conversation in one cluster slot. (The
+# validator goes last: a pattern placed after it would vanish from the OpenAPI schema.)
+Identifier = Annotated[
+    StrictStr,
+    StringConstraints(pattern=r"^[^\s{}]+$", min_length=1),
+    BeforeValidator(_unicode_text),
+]
+
+UnixSeconds = Annotated[int, Field(ge=0, le=10**11)]
+
+
+def _storable_metadata(value: object) -> object:
+    """Refuse metadata that could not be stored: too deep, not UTF-8, or too large.
+
+    Runs before pydantic's own checks so a bad key is named plainly, and walks with a
+    stack, not recursion, so metadata nested hundreds of levels is refused cheaply.
+    A non-object is left to pydantic, which names the expected type.
+    """
+    if not isinstance(value, dict):
+        return value
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > METADATA_MAX_DEPTH:
+            raise ValueError(f"is nested deeper than {METADATA_MAX_DEPTH} levels")
+        for key, child in node.items() if isinstance(node, dict) else enumerate(node):
+            for text in (key, child):
+                if isinstance(text, str) and not _is_unicode(text):
+                    raise ValueError(_NOT_UNICODE)
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    if len(to_json(value)) > METADATA_MAX_BYTES:
+        raise ValueError(f"is larger than {METADATA_MAX_BYTES} bytes as JSON")
+    return value
+
+
+Metadata = Annotated[
+    dict[str, Any],
+    BeforeValidator(_storable_metadata),
+    Field(
+        description="Any JSON object, echoed back untouched in the callback; at most "
+        f"{METADATA_MAX_DEPTH} levels deep and {METADATA_MAX_BYTES} bytes as JSON."
+    ),
+]
 
 
 def utc_now_iso() -> str:
@@ -34,12 +104,12 @@ class InboundMessage(BaseModel):
 
     message_id: Annotated[Identifier, Field(max_length=256)]
     sender: Annotated[Identifier, Field(alias="from", max_length=64)]
-    text: Annotated[StrictStr, Field(min_length=1)]
+    text: Annotated[Utf8Str, Field(min_length=1)]
     session_id: Annotated[Identifier, Field(max_length=128)] | None = None
-    name: Annotated[StrictStr, Field(max_length=256)] | None = None
-    timestamp: Annotated[int, Field(ge=0, le=10**11)] | None = None
+    name: Annotated[Utf8Str, Field(max_length=256)] | None = None
+    timestamp: UnixSeconds | None = None
     callback_url: HttpUrl | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
 
     @field_validator("text")
     @classmethod

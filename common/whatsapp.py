@@ -2,14 +2,34 @@
 passes them on (the trigger emits one `value` object per item).
 
 Only what the product uses is modelled; everything else is ignored, so new fields Meta
-adds do not break intake. Reference: Meta's "Webhooks payload examples" for WhatsApp.
+adds do not break intake. Every modelled string must be valid Unicode, and the timestamp
+plain digits, so a whole notification is refused (422) before any of it is stored.
+Reference: Meta's "Webhooks payload examples" for WhatsApp.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
+
+from common.messages import UnixSeconds, Utf8Str
+
+TIMESTAMP_MAX_DIGITS = 12
+
+
+def _seconds_from_digits(value: object) -> object:
+    """Meta sends Unix seconds as a digit string. `str.isdigit()` alone also accepts '²'
+    or '①', and int() refuses over 4300 digits: insist on a few ASCII digits instead."""
+    if not isinstance(value, str):
+        return value  # a number (n8n may convert it): pydantic checks it is a whole one
+    if not (value.isascii() and value.isdigit() and len(value) <= TIMESTAMP_MAX_DIGITS):
+        raise ValueError(f"must be Unix seconds: 1 to {TIMESTAMP_MAX_DIGITS} ASCII digits")
+    return int(value)
+
+
+# Strict: after the digits are converted, only a JSON integer is a timestamp (not true, 1.0).
+Timestamp = Annotated[UnixSeconds, Strict(), BeforeValidator(_seconds_from_digits)]
 
 
 class _Lenient(BaseModel):
@@ -17,44 +37,44 @@ class _Lenient(BaseModel):
 
 
 class Profile(_Lenient):
-    name: str | None = None
+    name: Utf8Str | None = None
 
 
 class Contact(_Lenient):
-    wa_id: str | None = None
+    wa_id: Utf8Str | None = None
     profile: Profile = Field(default_factory=Profile)
 
 
 class Metadata(_Lenient):
-    display_phone_number: str | None = None
-    phone_number_id: str | None = None
+    display_phone_number: Utf8Str | None = None
+    phone_number_id: Utf8Str | None = None
 
 
 class TextBody(_Lenient):
-    body: str
+    body: Utf8Str
 
 
 class Reply(_Lenient):
-    id: str | None = None
-    title: str
+    id: Utf8Str | None = None
+    title: Utf8Str
 
 
 class Interactive(_Lenient):
-    type: str
+    type: Utf8Str
     button_reply: Reply | None = None
     list_reply: Reply | None = None
 
 
 class QuickReplyButton(_Lenient):
-    text: str
-    payload: str | None = None
+    text: Utf8Str
+    payload: Utf8Str | None = None
 
 
 class Message(_Lenient):
-    id: str
-    sender: str = Field(alias="from")
-    timestamp: str | int | None = None
-    type: str
+    id: Utf8Str
+    sender: Utf8Str = Field(alias="from")
+    timestamp: Timestamp | None = None
+    type: Utf8Str
     text: TextBody | None = None
     interactive: Interactive | None = None
     button: QuickReplyButton | None = None
@@ -88,12 +108,12 @@ class Value(_Lenient):
 
 
 class Change(_Lenient):
-    field: str | None = None
+    field: Utf8Str | None = None
     value: Value
 
 
 class Entry(_Lenient):
-    id: str | None = None
+    id: Utf8Str | None = None
     changes: list[Change] = Field(default_factory=list)
 
 

@@ -308,7 +308,9 @@ def test_concurrent_conversations_share_generate_calls_on_the_threads_pool(syste
         statuses = list(
             pool.map(
                 lambda s: (
-                    system.post(message_id=f"batch-{s[-4:]}", **{"from": s}, text="hola").status_code
+                    system.post(
+                        message_id=f"batch-{s[-4:]}", **{"from": s}, text="hola"
+                    ).status_code
                 ),
                 sessions,
             )

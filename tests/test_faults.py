@@ -109,6 +109,7 @@ class Rig:
     workdir: Path
     web_log: Path
     stack: contextlib.ExitStack
+    pool: str = "prefork"
     workers: list[Worker] = field(default_factory=list)
 
     def post(
@@ -121,9 +122,15 @@ class Rig:
         return session_keys(self.prefix, session)
 
     def start_worker(self, name: str, processes: int = 1, tokens: int | None = None) -> Worker:
-        """Another worker on the same deployment; `tokens` overrides the reply length."""
+        """Another worker on the same deployment; `tokens` overrides the reply length.
+
+        With the threads pool, `processes` becomes the number of threads of one process
+        (and one model load).
+        """
         log = self.workdir / f"worker-{name}.log"
-        command = celery_worker_command(f"{name}-{uuid.uuid4().hex[:8]}", processes)
+        command = celery_worker_command(f"{name}-{uuid.uuid4().hex[:8]}", processes, self.pool)
+        if self.pool == "threads":
+            processes = 1
         env = dict(self.env)
         if tokens is not None:
             env["MAX_NEW_TOKENS"] = env["MIN_NEW_TOKENS"] = str(tokens)
@@ -218,6 +225,7 @@ def rig(
     model_dir: Path,
     tokens: int,
     processes: int = 1,
+    pool: str = "prefork",
     **settings: str,
 ) -> Iterator[Rig]:
     """gunicorn plus a first worker (ready when this yields), on fresh keys and queue."""
@@ -243,7 +251,15 @@ def rig(
             web_log = workdir / "web.log"
             stack.enter_context(running(gunicorn_command(port), env, web_log, cwd=workdir))
             deployment = Rig(
-                f"http://127.0.0.1:{port}", receiver, client, prefix, env, workdir, web_log, stack
+                f"http://127.0.0.1:{port}",
+                receiver,
+                client,
+                prefix,
+                env,
+                workdir,
+                web_log,
+                stack,
+                pool,
             )
             first = deployment.start_worker("first", processes)
             wait_until(lambda: http_ok(f"{deployment.base_url}/health"), 30, "gunicorn", web_log)
@@ -282,10 +298,11 @@ def _timed(status_for: Callable[[int], int], times: list[float]) -> Callable[[in
     return status
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_worker_sigkilled_mid_generation_answers_once(
-    model_dir: Path, redis_url: str, tmp_path: Path
+    model_dir: Path, redis_url: str, tmp_path: Path, pool: str
 ):
-    with rig(tmp_path, redis_url, model_dir, SLOW_TOKENS, WORKER_PROCESSES) as deployment:
+    with rig(tmp_path, redis_url, model_dir, SLOW_TOKENS, WORKER_PROCESSES, pool) as deployment:
         first = deployment.workers[0]
         session = new_session()
         keys = deployment.keys(session)

@@ -12,11 +12,10 @@ Three properties, a few thousand generated requests in all (each test checks its
 3. Credentials: only the right webhook token (bearer or `X-Webhook-Token`) or a correct
    Meta signature gets in; everything else is a 401 that stores nothing.
 
-Inputs known to crash the app are kept out of the broad properties and pinned by the
-`xfail(strict=True)` tests at the end instead, so the broad properties still guard every
-other behaviour. When a fix lands, its strict xfail turns into a failure: delete the
-marker and widen the broad strategies again (`_SAFE_DEPTH`, `int_safe`, and the
-surrogate-free `metadata_value` in `near_valid_message`).
+Inputs this fuzzing once found crashing the app (deep nesting, lone surrogates, odd
+WhatsApp timestamps, a bad message late in a notification) are part of the broad
+properties again, and each is also pinned by a regression test at the end that checks
+its exact 4xx answer and that nothing was stored.
 
 Every example starts from an empty prefix and queue, so examples are independent and a
 shrunk counter-example replays on its own. Runs are derandomized for reproducible CI.
@@ -43,7 +42,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 from common.keys import session_keys
-from common.messages import PendingMessage
+from common.messages import METADATA_MAX_DEPTH, PendingMessage
 from common.queue import REPLY_TASK
 from common.settings import Settings
 from webhook.auth import meta_signature
@@ -69,17 +68,16 @@ FUZZ = hsettings(
     print_blob=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-# The known-bug tests only need to show the failure, not shrink it.
-KNOWN_BUG = hsettings(FUZZ, max_examples=25, phases=[Phase.explicit, Phase.generate])
+# The regression tests aim at one input family each: a few examples are enough.
+REGRESSION = hsettings(FUZZ, max_examples=25, phases=[Phase.explicit, Phase.generate])
 
-# Nesting the app handles today: JSON deeper than ~980 levels crashes the parser and
-# metadata deeper than ~250 crashes serialization (see the xfail tests at the end).
-_SAFE_DEPTH = 200
+# Deep enough for the JSON parser's recursion limit (~1000 levels), and for objects
+# (6 bytes a level) still under the default MAX_BODY_BYTES, so the parser is reached.
+MAX_DEPTH = 10_000
 
 
 class StoredOnRejection(Exception):
-    """A refused request changed Redis. Not an AssertionError on purpose: the strict
-    xfail tests expect only AssertionError, so a leak is never mistaken for the known bug."""
+    """A refused request changed Redis (its own type, so a report names the leak)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -507,8 +505,6 @@ def encode_json(value: Any, ensure_ascii: bool, encoding: str) -> bytes:
 def near_valid_message() -> st.SearchStrategy[dict[str, Any]]:
     """A good message with fields dropped, replaced by any JSON, or added."""
     any_value = json_values(surrogate_text=True, nan=True)
-    # Known bug: surrogates or deep nesting *inside metadata* crash the app; see below.
-    metadata_value = json_values(nan=True)
 
     def mutate(drop: list[str], replace: dict[str, Any], metadata: Any) -> dict[str, Any]:
         body = {k: v for k, v in GOOD.items() if k not in drop}
@@ -525,28 +521,31 @@ def near_valid_message() -> st.SearchStrategy[dict[str, Any]]:
             any_value,
             max_size=3,
         ),
-        st.none() | metadata_value | st.dictionaries(st.text(max_size=8), metadata_value),
+        st.none() | any_value | st.dictionaries(st.text(max_size=8), any_value),
     )
 
 
-def safe_nesting() -> st.SearchStrategy[bytes]:
-    depth = st.integers(1, _SAFE_DEPTH)
+def nesting() -> st.SearchStrategy[bytes]:
+    """Nested bodies and metadata, around the metadata depth limit and far past it."""
+    depth = st.integers(1, 40) | st.integers(1, MAX_DEPTH)
     kinds = st.sampled_from(["array", "object"])
     top = st.builds(nested, depth, kinds).map(str.encode)
     inside = st.builds(deep_metadata_body, depth, kinds).map(str.encode)
     return top | inside
 
 
-def int_safe(timestamp: str) -> bool:
-    """Known bug: a timestamp that str.isdigit() accepts but int() refuses ('²', or more
-    than 4300 digits) crashes the WhatsApp parser; see the xfail tests at the end."""
-    if not timestamp.isdigit():
-        return True
-    try:
-        int(timestamp)
-    except ValueError:
-        return False
-    return True
+# Strings str.isdigit() accepts and int() refuses: other digit characters, or too many.
+bad_timestamps = st.one_of(
+    st.text(st.sampled_from("\u00b2\u00b3\u00b9\u2070\u2074\u2460\u2468"), min_size=1, max_size=6),
+    st.integers(4_301, 6_000).map(lambda n: "9" * n),
+)
+
+
+def with_surrogate(max_size: int) -> st.SearchStrategy[str]:
+    """Text, a quarter of the time with a lone surrogate somewhere inside."""
+    plain = st.text(max_size=max_size)
+    spoiled = st.builds(lambda a, c, b: a + c + b, plain, surrogates, plain)
+    return st.one_of(plain, plain, plain, spoiled)
 
 
 def whatsapp_bodies(timestamps: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -564,7 +563,7 @@ def whatsapp_bodies(timestamps: st.SearchStrategy[Any]) -> st.SearchStrategy[dic
         },
         optional={
             "timestamp": timestamps,
-            "text": st.fixed_dictionaries({"body": st.text(max_size=60)}) | json_values(),
+            "text": st.fixed_dictionaries({"body": with_surrogate(60)}) | json_values(),
             "interactive": st.fixed_dictionaries(
                 {"type": st.sampled_from(["button_reply", "list_reply"])},
                 optional={"button_reply": reply, "list_reply": reply},
@@ -573,10 +572,10 @@ def whatsapp_bodies(timestamps: st.SearchStrategy[Any]) -> st.SearchStrategy[dic
         },
     )
     contact = st.fixed_dictionaries(
-        {"wa_id": ids}, optional={"profile": st.fixed_dictionaries({"name": st.text(max_size=16)})}
+        {"wa_id": ids}, optional={"profile": st.fixed_dictionaries({"name": with_surrogate(16)})}
     )
     metadata = st.fixed_dictionaries(
-        {}, optional={"phone_number_id": st.text(max_size=16), "display_phone_number": ids}
+        {}, optional={"phone_number_id": with_surrogate(16), "display_phone_number": ids}
     )
     value = st.fixed_dictionaries(
         {"messaging_product": st.just("whatsapp")},
@@ -597,11 +596,12 @@ def whatsapp_bodies(timestamps: st.SearchStrategy[Any]) -> st.SearchStrategy[dic
     return notification | value
 
 
-safe_timestamps = (
+any_timestamps = (
     st.none()
     | st.integers(-1, 10**12)
     | st.integers(0, 10**12).map(str)
-    | st.text(max_size=12).filter(int_safe)
+    | st.text(max_size=12)
+    | bad_timestamps
 )
 
 bodies = st.one_of(
@@ -613,10 +613,10 @@ bodies = st.one_of(
     ),
     st.builds(encode_json, near_valid_message(), st.booleans(), st.sampled_from(["utf-8"])),
     st.builds(encode_json, near_valid_message(), st.just(True), st.sampled_from(["utf-8"])),
-    st.builds(encode_json, whatsapp_bodies(safe_timestamps), st.booleans(), st.just("utf-8")),
+    st.builds(encode_json, whatsapp_bodies(any_timestamps), st.booleans(), st.just("utf-8")),
     st.binary(max_size=200),
     st.text(max_size=80).map(str.encode),
-    safe_nesting(),
+    nesting(),
     st.sampled_from([b"", b"null", b"{}", b"[]", b"0", b'"x"', b"{", b"\xef\xbb\xbf{}", b"NaN"]),
     st.integers(60_000, 70_000).map(lambda n: b'{"text":"' + b"x" * n + b'"}'),
     st.integers(4_000, 5_000).map(lambda n: b'{"metadata":{"n":' + b"9" * n + b"}}"),
@@ -818,143 +818,106 @@ def test_credentials(harness) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Known crashes (found by this fuzzing): each pinned by a strict xfail on the status, and
-# by a passing check that the crash stores and enqueues nothing.
+# Regressions found by this fuzzing: each input family once answered 500 (and the last
+# one stored part of a notification first); now each gets its own 4xx and stores nothing.
 # --------------------------------------------------------------------------------------
 
 
 kinds = st.sampled_from(["array", "object"])
-deep_bodies = st.builds(nested, st.integers(1_000, 20_000), kinds)
-deep_metadata = st.builds(deep_metadata_body, st.integers(260, 900), kinds)
+deep_bodies = st.builds(nested, st.integers(1_000, MAX_DEPTH), kinds)
+# Past the metadata limit, yet shallow enough for the JSON parser under pytest's stack.
+deep_metadata = st.builds(deep_metadata_body, st.integers(METADATA_MAX_DEPTH, 500), kinds)
 surrogate_metadata = st.builds(
     surrogate_metadata_body,
     surrogates,
     st.sampled_from(["value", "nested_value", "nested_key", "whatsapp_phone_number_id"]),
 )
-# Strings str.isdigit() accepts and int() refuses: other digit characters, or too many.
-bad_timestamps = st.one_of(
-    st.text(st.sampled_from("\u00b2\u00b3\u00b9\u2070\u2074\u2460\u2468"), min_size=1, max_size=6),
-    st.integers(4_301, 6_000).map(lambda n: "9" * n),
-).filter(lambda ts: not int_safe(ts))
 whatsapp_bad_timestamp = st.builds(whatsapp_body, bad_timestamps)
-KNOWN_CRASHES = {
-    "deep_json_body": (deep_bodies, nested(1000, "array")),
-    "deep_metadata": (deep_metadata, deep_metadata_body(300, "array")),
-    "surrogate_in_metadata": (surrogate_metadata, surrogate_metadata_body("\ud800", "value")),
-    "whatsapp_timestamp": (whatsapp_bad_timestamp, whatsapp_body("\u00b2")),
-}
 
 
-def post_known(h: Harness, body: str):
+def post_refused(h: Harness, body: str, statuses: tuple[int, ...]) -> dict[str, Any]:
+    """POST `body`; the answer must be one of `statuses`, in the app's error shape, and
+    Redis must be unchanged. Returns the error body."""
     before = h.snapshot()
     response = h.request(
-        "known",
+        "regression",
         "POST",
         "/webhook",
         data=body.encode(),
         headers=BEARER,
         content_type="application/json",
     )
-    if not 200 <= response.status_code < 300:
-        check_unchanged(h, before, h.snapshot(), response, body[:200])
-    return response
+    check_unchanged(h, before, h.snapshot(), response, body[:200])
+    check_common(h, response, body[:200])
+    assert response.status_code in statuses, h.describe(response, body[:200])
+    return response.get_json()
 
 
-@pytest.mark.parametrize("crash", sorted(KNOWN_CRASHES))
-def test_known_crashes_store_nothing(harness, crash: str) -> None:
-    """Passes today and after a fix: whatever the status, a refusal leaves no trace."""
-    h = harness()
-    strategy, first = KNOWN_CRASHES[crash]
-
-    @KNOWN_BUG
-    @given(strategy)
-    @example(first)
-    def run(body: str) -> None:
-        h.reset()
-        response = post_known(h, body)
-        if response.status_code >= 400:
-            payload = response.get_json(silent=True)
-            assert isinstance(payload, dict) and "error" in payload, h.describe(response, body)
-
-    run()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="JSON nested deeper than ~980 levels (well under MAX_BODY_BYTES) raises "
-    "RecursionError in request.get_json(silent=True), which only swallows ValueError: 500",
-)
-def test_deeply_nested_json_body_is_not_a_5xx(harness) -> None:
+def test_deeply_nested_json_body_is_400(harness) -> None:
+    """Was a 500: json's parser raised RecursionError, which get_json(silent=True) lets out."""
     h = harness()
 
-    @KNOWN_BUG
+    @REGRESSION
     @given(deep_bodies)
+    @example(nested(1_000, "array"))
     def run(body: str) -> None:
         h.reset()
-        response = post_known(h, body)
-        assert response.status_code < 500, h.describe(response, body[:40])
+        # 422 only if a runtime's parser goes deeper than ours: parsed, but not a message.
+        error = post_refused(h, body, (400, 422))
+        if error["error"] == "invalid_json":
+            assert "nested too deeply" in error["message"]
 
     run()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="metadata nested ~255+ levels (schema-valid) passes validation, then "
-    "PendingMessage.model_dump_json() in Inbox.accept raises PydanticSerializationError "
-    "'Maximum serialization depth exceeded': 500",
-)
-def test_deeply_nested_metadata_is_not_a_5xx(harness) -> None:
+def test_deeply_nested_metadata_is_422(harness) -> None:
+    """Was a 500: schema-valid metadata ~255 levels deep broke serialization in accept."""
     h = harness()
 
-    @KNOWN_BUG
+    @REGRESSION
     @given(deep_metadata)
+    @example(deep_metadata_body(300, "array"))
     def run(body: str) -> None:
         h.reset()
-        response = post_known(h, body)
-        assert response.status_code < 500, h.describe(response, body[:200])
+        error = post_refused(h, body, (422,))
+        assert error["message"] == f"metadata: is nested deeper than {METADATA_MAX_DEPTH} levels"
 
     run()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a lone surrogate escape (e.g. \\ud800) in a string value, or a nested key, "
-    "inside metadata passes validation (metadata is dict[str, Any]), then "
-    "PendingMessage.model_dump_json() in Inbox.accept raises "
-    "PydanticSerializationError (UnicodeEncodeError, surrogates not allowed): 500",
-)
-def test_surrogate_in_metadata_is_not_a_5xx(harness) -> None:
+def test_surrogate_in_metadata_is_422(harness) -> None:
+    """Was a 500: a lone surrogate in metadata (a value or a key, or WhatsApp's
+    phone_number_id) passed validation, then could not be encoded as UTF-8 in accept."""
     h = harness()
 
-    @KNOWN_BUG
+    @REGRESSION
     @given(surrogate_metadata)
+    @example(surrogate_metadata_body("\ud800", "value"))
+    @example(surrogate_metadata_body("\udfff", "whatsapp_phone_number_id"))
     def run(body: str) -> None:
         h.reset()
-        response = post_known(h, body)
-        assert response.status_code < 500, h.describe(response, body)
+        error = post_refused(h, body, (422,))
+        (problem,) = error["errors"]
+        assert problem["field"].endswith(("metadata", "metadata.phone_number_id")), error
+        assert "lone surrogate" in problem["message"]
 
     run()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="webhook/payloads.py _convert: `int(message.timestamp) if str(...).isdigit()`; "
-    "isdigit() accepts '\u00b2', '\u2460' and digit strings over 4300 long, which int() refuses "
-    "with ValueError, outside the `except ValidationError`: 500 for the whole notification",
-)
-def test_whatsapp_timestamp_is_not_a_5xx(harness) -> None:
+def test_whatsapp_timestamp_is_422(harness) -> None:
+    """Was a 500: str.isdigit() took '²' and 4300+ digit strings, which int() refuses."""
     h = harness()
 
-    @KNOWN_BUG
+    @REGRESSION
     @given(whatsapp_bad_timestamp)
+    @example(whatsapp_body("\u00b2"))
+    @example(whatsapp_body("9" * 4_301))
     def run(body: str) -> None:
         h.reset()
-        response = post_known(h, body)
-        assert response.status_code < 500, h.describe(response, body[:300])
+        error = post_refused(h, body, (422,))
+        (problem,) = error["errors"]
+        assert problem["field"] == "entry.0.changes.0.value.messages.0.timestamp", error
+        assert "ASCII digits" in problem["message"]
 
     run()
 
@@ -969,21 +932,33 @@ def whatsapp_two_values(char: str, bad_first: bool) -> str:
     return json.dumps(good)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=StoredOnRejection,
-    reason="a WhatsApp notification whose second message crashes Inbox.accept (surrogate in "
-    "metadata) answers 500 after the first message was queued (inbox entry, seen mark, task): "
-    "Meta retries the 500 for ever, the first message now a duplicate, the second never taken",
+def whatsapp_two_messages(timestamp: str, bad_first: bool) -> str:
+    """One `value` with two messages: a good one and one whose timestamp is `timestamp`."""
+    body = json.loads(whatsapp_body())
+    messages = body["entry"][0]["changes"][0]["value"]["messages"]
+    bad = {**messages[0], "id": "wamid.WA2", "timestamp": timestamp}
+    messages.insert(0 if bad_first else 1, bad)
+    return json.dumps(body)
+
+
+bad_notifications = st.one_of(
+    st.builds(whatsapp_two_values, surrogates, st.booleans()),
+    st.builds(whatsapp_two_messages, bad_timestamps, st.booleans()),
 )
-def test_whatsapp_crash_mid_notification_stores_nothing(harness) -> None:
+
+
+def test_whatsapp_bad_message_mid_notification_stores_nothing(harness) -> None:
+    """Was a 500 after the first message was queued: Meta retried for ever, the first
+    message a "duplicate", the second never taken. Now the whole notification is 422."""
     h = harness()
 
-    @KNOWN_BUG
-    @given(surrogates, st.booleans())
-    @example("\ud800", False)
-    def run(char: str, bad_first: bool) -> None:
+    @REGRESSION
+    @given(bad_notifications)
+    @example(whatsapp_two_values("\ud800", False))
+    @example(whatsapp_two_messages("\u00b2", False))
+    def run(body: str) -> None:
         h.reset()
-        post_known(h, whatsapp_two_values(char, bad_first))
+        error = post_refused(h, body, (422,))
+        assert error["error"] == "invalid_payload"
 
     run()

@@ -170,6 +170,100 @@ def test_oversized_body_is_413(make_settings, redis_client):
     assert stored_keys(redis_client, settings) == []
 
 
+def post_raw(client: FlaskClient, text: str):
+    """POST a JSON text as is: `json.dumps` escapes a lone surrogate as `\\ud800`."""
+    return client.post("/webhook", data=text, content_type="application/json")
+
+
+def nested_metadata(depth: int) -> dict:
+    """A metadata object `depth` levels deep (the object itself is level 1)."""
+    value: object = "leaf"
+    for _ in range(depth - 1):
+        value = [value]
+    return {"x": value}
+
+
+def assert_refused(response, redis_client, settings, status: int, error: str) -> dict:
+    assert response.status_code == status
+    payload = response.get_json()
+    assert payload["error"] == error
+    assert stored_keys(redis_client, settings) == []
+    assert queued_tasks(redis_client, settings) == []
+    return payload
+
+
+@pytest.mark.parametrize("kind", ["[", '{"a":'])
+def test_json_nested_past_the_parser_limit_is_400(make_settings, redis_client, kind):
+    from webhook import create_app
+
+    settings = make_settings(max_body_bytes=1_000_000)  # reach the parser, not the 413
+    client = create_app(settings).test_client()
+    closing = "]" if kind == "[" else "}"
+    depth = 50_000
+
+    response = post_raw(client, kind * depth + "1" + closing * depth)
+
+    payload = assert_refused(response, redis_client, settings, 400, "invalid_json")
+    assert payload["message"] == "The JSON body is nested too deeply."
+
+
+def test_metadata_at_the_depth_limit_is_accepted(client, redis_client, settings):
+    from common.messages import METADATA_MAX_DEPTH
+
+    response = post(client, {**GOOD, "metadata": nested_metadata(METADATA_MAX_DEPTH)})
+
+    assert response.status_code == 202
+    inbox = session_keys(settings.key_prefix, GOOD["from"]).inbox
+    assert json.loads(redis_client.lindex(inbox, 0))["metadata"] == nested_metadata(
+        METADATA_MAX_DEPTH
+    )
+
+
+@pytest.mark.parametrize("depth", [33, 300, 900])
+def test_metadata_nested_too_deep_is_422(client, redis_client, settings, depth):
+    response = post_raw(client, json.dumps({**GOOD, "metadata": nested_metadata(depth)}))
+
+    payload = assert_refused(response, redis_client, settings, 422, "invalid_payload")
+    assert payload["message"] == "metadata: is nested deeper than 32 levels"
+    assert [e["field"] for e in payload["errors"]] == ["metadata"]
+
+
+def test_metadata_over_the_size_limit_is_422(make_settings, redis_client):
+    from common.messages import METADATA_MAX_BYTES
+    from webhook import create_app
+
+    settings = make_settings(max_body_bytes=10 * METADATA_MAX_BYTES)
+    client = create_app(settings).test_client()
+
+    response = post(client, {**GOOD, "metadata": {"blob": "x" * METADATA_MAX_BYTES}})
+
+    payload = assert_refused(response, redis_client, settings, 422, "invalid_payload")
+    assert payload["message"] == f"metadata: is larger than {METADATA_MAX_BYTES} bytes as JSON"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"text": "hola \ud800"}, "text"),
+        ({"name": "\udfffAna"}, "name"),
+        ({"from": "+591\ud800"}, "from"),
+        ({"session_id": "s-\ud800"}, "session_id"),
+        ({"message_id": "wamid.\udbff"}, "message_id"),
+        ({"metadata": {"phone_number_id": "\ud800"}}, "metadata"),
+        ({"metadata": {"\ud800": 1}}, "metadata"),
+        ({"metadata": {"a": [{"b": ["x\udc00"]}]}}, "metadata"),
+    ],
+)
+def test_lone_surrogate_in_a_stored_string_is_422(client, redis_client, settings, change, field):
+    response = post_raw(client, json.dumps({**GOOD, **change}))
+
+    payload = assert_refused(response, redis_client, settings, 422, "invalid_payload")
+    assert [e["field"] for e in payload["errors"]] == [field]
+    assert payload["message"] == (
+        f"{field}: is not valid Unicode text (it contains a lone surrogate)"
+    )
+
+
 def test_missing_callback_url_without_default_is_422(make_settings, redis_client):
     from webhook import create_app
 

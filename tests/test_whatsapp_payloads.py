@@ -231,6 +231,153 @@ def test_malformed_whatsapp_bodies_are_422_and_store_nothing(app_client, redis_c
     assert list(redis_client.scan_iter(match=f"{settings.key_prefix}:*")) == []
 
 
+def post_raw(client, body: dict):
+    """POST as JSON text: `json.dumps` escapes a lone surrogate as `\\ud800`, as a client could."""
+    return client.post("/webhook", data=json.dumps(body), content_type="application/json")
+
+
+def assert_refused_naming(response, redis_client, settings, field: str) -> str:
+    """A 422 whose only error names `field`, and nothing stored or queued. Returns its text."""
+    assert response.status_code == 422
+    payload = response.get_json()
+    assert payload["error"] == "invalid_payload"
+    (problem,) = payload["errors"]
+    assert problem["field"] == field
+    assert payload["message"].startswith(f"{field}: ")
+    assert list(redis_client.scan_iter(match=f"{settings.key_prefix}:*")) == []
+    assert redis_client.llen(settings.task_queue) == 0
+    return problem["message"]
+
+
+MESSAGE_0 = "entry.0.changes.0.value.messages.0"
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["\u00b2", "1\u2460", "\u0661\u0662", "9" * 4_301, "1" * 13, "", "-5", "12.5", " 12"],
+)
+def test_timestamp_that_is_not_ascii_digits_is_422(app_client, redis_client, timestamp):
+    client, settings = app_client
+    message = {**text_message("wamid.TS", "hola"), "timestamp": timestamp}
+
+    response = client.post("/webhook", json=notification(message))
+
+    text = assert_refused_naming(response, redis_client, settings, f"{MESSAGE_0}.timestamp")
+    assert "ASCII digits" in text
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "stored"), [(1603059201, 1603059201), ("0", 0), (None, None)]
+)
+def test_timestamp_as_number_digits_or_absent_is_taken(app_client, redis_client, timestamp, stored):
+    client, settings = app_client
+    message = {**text_message("wamid.TS", "hola"), "timestamp": timestamp}
+
+    assert client.post("/webhook", json=notification(message)).status_code == 200
+
+    (pending,) = inbox(redis_client, settings)
+    assert pending.timestamp == stored
+
+
+@pytest.mark.parametrize("timestamp", [-1, 10**12, True, 1.5])
+def test_timestamp_number_that_is_not_unix_seconds_is_422(app_client, redis_client, timestamp):
+    client, settings = app_client
+    message = {**text_message("wamid.TS", "hola"), "timestamp": timestamp}
+
+    response = client.post("/webhook", json=notification(message))
+
+    assert_refused_naming(response, redis_client, settings, f"{MESSAGE_0}.timestamp")
+
+
+def _spoil(body: dict, where: str) -> str:
+    """Put a lone surrogate into one stored string of `body`; returns the field's path."""
+    value = body["entry"][0]["changes"][0]["value"]
+    path = "entry.0.changes.0.value"
+    if where in ("phone_number_id", "display_phone_number"):
+        value["metadata"][where] += "\ud800"
+        return f"{path}.metadata.{where}"
+    if where == "name":
+        value["contacts"][0]["profile"]["name"] = "Kerry \udfff"
+        return f"{path}.contacts.0.profile.name"
+    if where == "body":
+        value["messages"][0]["text"]["body"] = "hola \ud800"
+        return f"{path}.messages.0.text.body"
+    value["messages"][0][where] = "\udbff" + value["messages"][0][where]
+    return f"{path}.messages.0.{where}"
+
+
+@pytest.mark.parametrize(
+    "where", ["phone_number_id", "display_phone_number", "name", "body", "id", "from", "type"]
+)
+def test_lone_surrogate_in_a_stored_string_is_422(app_client, redis_client, where):
+    client, settings = app_client
+    body = notification(text_message("wamid.U1", "hola"))
+    field = _spoil(body, where)
+
+    response = post_raw(client, body)
+
+    text = assert_refused_naming(response, redis_client, settings, field)
+    assert "lone surrogate" in text
+
+
+@pytest.mark.parametrize("bad_first", [True, False])
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda message: message.update(timestamp="\u00b2"),
+        lambda message: message.update(timestamp="9" * 5_000),
+        lambda message: message["text"].update(body="\ud800"),
+    ],
+    ids=["superscript_timestamp", "huge_timestamp", "surrogate_text"],
+)
+def test_one_bad_message_refuses_the_whole_notification(app_client, redis_client, spoil, bad_first):
+    """All or nothing: the good messages are not stored ahead of the refusal, so Meta's
+    retry is not half "duplicate"."""
+    client, settings = app_client
+    bad = text_message("wamid.BAD", "x")
+    spoil(bad)
+    good = [text_message("wamid.G1", "hola"), text_message("wamid.G2", "otra")]
+    messages = [bad, *good] if bad_first else [*good, bad]
+
+    response = post_raw(client, notification(*messages))
+
+    assert response.status_code == 422
+    index = 0 if bad_first else 2
+    assert response.get_json()["errors"][0]["field"].startswith(
+        f"entry.0.changes.0.value.messages.{index}."
+    )
+    assert list(redis_client.scan_iter(match=f"{settings.key_prefix}:*")) == []
+    assert redis_client.llen(settings.task_queue) == 0
+
+
+def test_bad_metadata_in_a_later_change_refuses_the_whole_notification(app_client, redis_client):
+    client, settings = app_client
+    body = notification(text_message("wamid.C1", "hola"))
+    later = copy.deepcopy(body["entry"][0]["changes"][0])
+    later["value"]["metadata"]["phone_number_id"] = "\ud800"
+    later["value"]["messages"][0]["id"] = "wamid.C2"
+    body["entry"][0]["changes"].append(later)
+
+    response = post_raw(client, body)
+
+    assert_refused_naming(
+        response, redis_client, settings, "entry.0.changes.1.value.metadata.phone_number_id"
+    )
+
+
+def test_message_our_rules_refuse_is_still_skipped_not_fatal(app_client, redis_client):
+    """Well-formed WhatsApp content we cannot take (an id with a space) is skipped alone,
+    as before: only a malformed notification is refused whole."""
+    client, settings = app_client
+    body = notification(text_message("wamid.OK", "hola"), text_message("wamid. spaced", "x"))
+
+    response = client.post("/webhook", json=body)
+
+    assert response.status_code == 200
+    assert (response.get_json()["queued"], response.get_json()["skipped"]) == (["wamid.OK"], 1)
+    assert [p.message_id for p in inbox(redis_client, settings)] == ["wamid.OK"]
+
+
 def test_meta_signed_notification_is_accepted(make_settings, redis_client):
     from webhook.auth import meta_signature
 

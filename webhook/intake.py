@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from common.inbox import AcceptResult
 from common.keys import session_keys
-from common.messages import InboundMessage, MessageKind, PendingMessage
+from common.messages import InboundMessage, PendingMessage
 from common.privacy import mask_phone
 from common.queue import send_reply_task
 from webhook.auth import check_webhook_credentials
@@ -50,7 +50,12 @@ def _json_object() -> dict[str, Any] | Response:
         return error_response(
             415, "unsupported_media_type", "Send JSON with Content-Type: application/json."
         )
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        # json's parser recurses once per level and silent=True only swallows ValueError;
+        # nesting this deep is never a message (metadata stops at 32 levels).
+        return error_response(400, "invalid_json", "The JSON body is nested too deeply.")
     if body is None:
         return error_response(400, "invalid_json", "The request body is not valid JSON.")
     if not isinstance(body, dict):
@@ -72,9 +77,8 @@ def _callback_problem(inbound: InboundMessage, svc: Services) -> Response | None
     return None
 
 
-def _accept(svc: Services, inbound: InboundMessage, kind: MessageKind) -> AcceptResult:
+def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
     """Store the message once and queue its task; undo the store if queueing fails."""
-    message = PendingMessage.from_inbound(inbound, kind)
     keys = session_keys(svc.settings.key_prefix, message.session_id)
     result = svc.inbox.accept(keys, message)
     MESSAGES.labels(result.status).inc()
@@ -95,7 +99,7 @@ def _accept(svc: Services, inbound: InboundMessage, kind: MessageKind) -> Accept
         "queued message_id=%s from=%s kind=%s pending=%d",
         message.message_id,
         mask_phone(message.sender),
-        kind,
+        message.kind,
         result.pending,
     )
     return result
@@ -126,28 +130,31 @@ def receive() -> Response | tuple[Response, int]:
     for inbound, _ in parsed.messages:
         if (problem := _callback_problem(inbound, svc)) is not None:
             return problem
+    # Every message is checked and converted before the first is stored: a notification
+    # refused half-way would leave its first messages queued, then "duplicate" on retry.
+    messages = [PendingMessage.from_inbound(inbound, kind) for inbound, kind in parsed.messages]
 
     if not parsed.whatsapp:
-        ((inbound, kind),) = parsed.messages
-        result = _accept(svc, inbound, kind)
+        (message,) = messages
+        result = _accept(svc, message)
         if result.status == "duplicate":
-            return jsonify(status="duplicate", message_id=inbound.message_id), 200
+            return jsonify(status="duplicate", message_id=message.message_id), 200
         if result.status != "queued":
             return _too_many(result)
         return jsonify(
             status="queued",
-            message_id=inbound.message_id,
-            session_id=inbound.conversation_key,
+            message_id=message.message_id,
+            session_id=message.session_id,
             pending=result.pending,
         ), 202
 
     queued, duplicates, refused = [], [], None
-    for inbound, kind in parsed.messages:
-        result = _accept(svc, inbound, kind)
+    for message in messages:
+        result = _accept(svc, message)
         if result.status == "queued":
-            queued.append(inbound.message_id)
+            queued.append(message.message_id)
         elif result.status == "duplicate":
-            duplicates.append(inbound.message_id)
+            duplicates.append(message.message_id)
         else:
             refused = refused or result
     if refused is not None:

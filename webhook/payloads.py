@@ -5,7 +5,9 @@ WhatsApp Cloud API notification (Meta posting directly), and the single `value` 
 n8n's WhatsApp Trigger. The simple form is one message and any error in it is the
 client's (422). A WhatsApp body may carry several messages, status updates, and kinds we
 cannot read; those are counted and skipped, so one odd message never makes Meta retry
-the whole notification.
+the whole notification. A body that breaks the WhatsApp models themselves (wrong shape,
+text that is not Unicode, a timestamp that is not digits) is refused whole, and since
+every message is parsed here before any is stored, a refusal stores nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import ValidationError
 
 from common.messages import InboundMessage, MessageKind
 from common.settings import Settings
-from common.whatsapp import Value, is_whatsapp_payload, whatsapp_values
+from common.whatsapp import Message, Value, is_whatsapp_payload, whatsapp_values
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def parse_body(body: dict[str, Any], settings: Settings) -> Parsed:
 
 
 def _convert(
-    value: Value, message: Any, settings: Settings
+    value: Value, message: Message, settings: Settings
 ) -> tuple[InboundMessage, MessageKind] | None:
     text = message.user_text()
     if text is None and settings.non_text_messages == "ignore":
@@ -83,9 +85,7 @@ def _convert(
                 "from": message.sender,
                 "text": text if text is not None else f"[{message.type}]",
                 "name": value.name_of(message.sender),
-                "timestamp": int(message.timestamp)
-                if str(message.timestamp or "").isdigit()
-                else None,
+                "timestamp": message.timestamp,
                 "metadata": metadata,
             },
             context={"max_text_length": settings.max_text_length},
