@@ -31,11 +31,13 @@ RUN useradd --create-home --uid 10001 app \
 COPY common/ common/
 COPY webhook/ webhook/
 COPY worker/ worker/
-COPY Procfile ./
+COPY Procfile gunicorn.conf.py ./
 
 USER app
 
 EXPOSE 8000
 
-# sh -c so that ${PORT} and ${WEB_CONCURRENCY} expand at start-up.
-CMD ["sh", "-c", "exec gunicorn --bind 0.0.0.0:${PORT:-8000} --workers ${WEB_CONCURRENCY:-2} --timeout 30 'webhook:create_app()'"]
+# The Procfile's `web` line. gunicorn.conf.py binds 0.0.0.0:$PORT (default 8000) with
+# $WEB_CONCURRENCY workers (default 2), both read at start-up, and prepares the metrics
+# directory every gunicorn worker shares (without it /metrics shows one worker's counters).
+CMD ["gunicorn", "-c", "gunicorn.conf.py", "webhook:create_app()"]

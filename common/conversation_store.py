@@ -3,12 +3,14 @@
 The history is a hash (who, when) plus a capped list of messages, so appending a turn is
 O(1) and never rewrites the whole conversation. `commit` stores the user messages and the
 reply and clears the worker's `processing` list in one script: either both happen or
-neither, which is what keeps a crash from answering a message twice or never.
+neither, which is what keeps a crash from answering a message twice or never. The reply
+goes to the session's outbox, whose expiry (`outbox_ttl_seconds`) outlives its delivery.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,11 +21,35 @@ from common.keys import SessionKeys
 from common.messages import Conversation, OutboxEntry, StoredMessage
 from common.settings import Settings
 
+# How long an outbox outlives its last reply beyond the longest delivery: time for the
+# workers to come back after an outage, so the sweep still finds what they owe.
+OUTBOX_MARGIN_SECONDS = 86400
+
+
+def outbox_ttl_seconds(settings: Settings) -> int:
+    """Expiry of a session's outbox, renewed with each reply it receives.
+
+    Not SESSION_EXPIRE_TIME: a reply whose delivery is still being retried must stay
+    until it is delivered or moved to the dead letters, never expire with the
+    conversation. The longest delivery is: retries until CALLBACK_MAX_AGE_SECONDS, the
+    last backoff, the last attempt's timeout, and the sweep noticing a lost attempt.
+    """
+    s = settings
+    longest_delivery = (
+        s.callback_max_age_seconds
+        + s.callback_max_backoff_seconds
+        + math.ceil(s.callback_timeout_seconds)
+        + s.recovery_grace_seconds
+        + s.recovery_interval_seconds
+    )
+    return longest_delivery + OUTBOX_MARGIN_SECONDS
+
+
 # KEYS: conversation, messages, processing, outbox
 # ARGV: first claimed raw item, claimed count, conversation id, user id, now,
 #       max history, ttl, metadata json, outbox field, outbox entry json ('' = none),
 #       '1' to start the conversation afresh (reset command) else '0',
-#       stored message json...
+#       outbox ttl, stored message json...
 _COMMIT = """
 if redis.call('LLEN', KEYS[3]) ~= tonumber(ARGV[2])
    or redis.call('LINDEX', KEYS[3], 0) ~= ARGV[1] then
@@ -39,9 +65,9 @@ if ARGV[8] ~= '{}' or redis.call('HEXISTS', KEYS[1], 'metadata') == 0 then
 end
 if ARGV[10] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[9], ARGV[10])
-  redis.call('EXPIRE', KEYS[4], ARGV[7])
+  redis.call('EXPIRE', KEYS[4], ARGV[12])
 end
-for i = 12, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+for i = 13, #ARGV do redis.call('RPUSH', KEYS[2], ARGV[i]) end
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
 redis.call('DEL', KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
@@ -101,6 +127,7 @@ class ConversationStore:
                 outbox.idempotency_key if outbox else "",
                 outbox.model_dump_json() if outbox else "",
                 "1" if fresh else "0",
+                outbox_ttl_seconds(s),
                 *(m.model_dump_json() for m in messages),
             ],
         )

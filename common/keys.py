@@ -50,6 +50,11 @@ class SessionKeys:
         """Hash of replies stored but not yet delivered, by idempotency key."""
         return f"{self.base}:outbox"
 
+    @property
+    def requeued(self) -> str:
+        """The stranded state the recovery sweep last re-queued this session for (expires)."""
+        return f"{self.base}:requeued"
+
     def seen(self, message_id: str) -> str:
         """De-duplication mark of one message id."""
         return f"{self.base}:seen:{message_id}"

@@ -3,15 +3,20 @@
 The webhook only *sends* tasks, by name, through a Celery app built here, so it never
 imports the worker package (and with it torch). The worker builds its app from the same
 function and registers the tasks.
+
+Flower and the worker's logs show a task's arguments from the `argsrepr`/`kwargsrepr` its
+message carries, so every message names the session masked: the senders below set them,
+and the apps' task class sets them on whatever else publishes a task (`apply_async`, and
+Celery's own retries, which would otherwise show the raw arguments).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
-from common.privacy import mask_phone
+from common.privacy import mask_task_args, mask_task_kwargs
 from common.settings import Settings
 
 REPLY_TASK = "worker.reply_to_session"
@@ -25,7 +30,7 @@ def send_reply_task(
     app.send_task(
         REPLY_TASK,
         args=[session_id],
-        argsrepr=repr([mask_phone(session_id)]),
+        argsrepr=mask_task_args([session_id]),
         countdown=countdown or None,
         **options,
     )
@@ -38,13 +43,27 @@ def send_delivery_task(
     app.send_task(
         DELIVER_TASK,
         args=[session_id, idempotency_key],
-        argsrepr=repr([mask_phone(session_id), idempotency_key]),
+        argsrepr=mask_task_args([session_id, idempotency_key]),
         countdown=countdown or None,
     )
 
 
+class MaskedArgsTask(Task):
+    """Task class of the apps built here: every message it sends shows the session masked.
+
+    `retry` (also the one `autoretry_for` calls) rebuilds the message from the request and
+    drops the masked reprs the first send carried; it sends through `apply_async`, so
+    filling them in here covers retries, `delay` and signatures alike.
+    """
+
+    def apply_async(self, args=None, kwargs=None, *rest: Any, **options: Any):  # type: ignore[override]
+        options["argsrepr"] = mask_task_args(args)
+        options["kwargsrepr"] = mask_task_kwargs(kwargs)
+        return super().apply_async(args, kwargs, *rest, **options)
+
+
 def make_celery(settings: Settings, main: str = "worker") -> Celery:
-    app = Celery(main)
+    app = Celery(main, task_cls=MaskedArgsTask)
     app.conf.update(
         broker_url=settings.effective_broker_url,
         # Replies travel by callback; task results would only fill Redis.

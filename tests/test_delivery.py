@@ -620,3 +620,72 @@ def test_final_failure_after_someone_else_delivered_is_not_a_dead_letter(
     assert schedule.calls == []
     assert stored(redis_client, settings) is None
     assert dead(redis_client, settings) == {}
+
+
+def dead_lettered_meanwhile(client: redis.Redis, settings: Settings, status: int) -> Callable:
+    """A callback during which someone else (the sweep expiring the reply, or another
+    attempt giving up) moves the entry to the dead letters; then it fails too."""
+    outbox = session_keys(settings.key_prefix, SESSION).outbox
+    theirs = make_entry(attempts=2, last_error="expired", failed_at=NOW - 1)
+
+    def respond(request):  # type: ignore[no-untyped-def]
+        client.hset(dead_letters(settings.key_prefix), KEY, theirs.model_dump_json())
+        client.hdel(outbox, KEY)
+        return (status, {}, "")
+
+    return respond
+
+
+@pytest.mark.parametrize("case", ["permanent", "exhausted"])
+def test_final_failure_after_someone_else_dead_lettered_it_keeps_a_dead_letter(
+    delivery: Delivery,
+    fake_http: responses.RequestsMock,
+    redis_client: redis.Redis,
+    settings: Settings,
+    schedule: Recorder,
+    case: str,
+) -> None:
+    # Both gave up on the same reply at once: one letter must remain, never none.
+    status, attempts = (404, 0) if case == "permanent" else (503, MAX_RETRIES)
+    fake_http.add_callback(
+        responses.POST, URL, callback=dead_lettered_meanwhile(redis_client, settings, status)
+    )
+    entry = make_entry(attempts=attempts)
+    put(redis_client, settings, entry)
+
+    assert delivery.attempt(entry) is False
+
+    assert schedule.calls == []
+    assert stored(redis_client, settings) is None
+    assert list(dead(redis_client, settings)) == [KEY]
+
+
+def test_a_dead_letter_added_first_is_kept_when_another_replaced_it(
+    delivery: Delivery,
+    fake_http: responses.RequestsMock,
+    redis_client: redis.Redis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # This attempt adds the first letter; before it removes the outbox entry, another one
+    # giving up replaces the letter and removes the entry. Taking back "its" letter now
+    # would leave none.
+    fake_http.post(URL, status=404)
+    entry = make_entry()
+    put(redis_client, settings, entry)
+    keys = session_keys(settings.key_prefix, SESSION)
+    other = make_entry(attempts=3, last_error="callback answered 500", failed_at=NOW - 1)
+    add = delivery.dead_letters.add
+
+    def add_then_other_gives_up(letter: OutboxEntry) -> bool:
+        first = add(letter)
+        redis_client.hset(dead_letters(settings.key_prefix), KEY, other.model_dump_json())
+        redis_client.hdel(keys.outbox, KEY)
+        return first
+
+    monkeypatch.setattr(delivery.dead_letters, "add", add_then_other_gives_up)
+
+    assert delivery.attempt(entry) is False
+
+    assert stored(redis_client, settings) is None
+    assert dead(redis_client, settings) == {KEY: other}

@@ -6,15 +6,16 @@ a fixed time, so "older than the grace period" is exact.
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pydantic
 import pytest
 import redis
 
-from common.keys import session_keys, session_of
+from common.keys import dead_letters, session_keys, session_of
 from common.messages import CallbackPayload, OutboxEntry, PendingMessage
 from common.settings import Settings
 from worker.recovery import SweepReport, find_stranded, sweep
@@ -433,3 +434,235 @@ def test_a_prefix_that_could_match_other_keys_is_refused(prefix: str) -> None:
     # The prefix goes into SCAN patterns unescaped, so only plain characters are allowed.
     with pytest.raises(pydantic.ValidationError):
         Settings(_env_file=None, key_prefix=prefix)
+
+
+# --- one requeue per stranded state ----------------------------------------------------
+
+
+def test_a_stranded_session_is_requeued_once_while_its_task_waits(
+    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
+) -> None:
+    # The only worker is still loading its model: the queued task is not taken yet, so
+    # the session looks stranded at every sweep. One task is enough.
+    add_processing(redis_client, settings.key_prefix, SESSION, received_at=NOW - 100)
+    add_inbox(redis_client, settings.key_prefix, "inbox-only", NOW - 100)
+
+    for tick in range(6):
+        report = run_sweep(redis_client, settings, requeue, schedule, now=NOW + 15 * tick)
+        assert report.sessions == {SESSION, "inbox-only"}  # still found each time
+
+    assert sorted(requeue.calls) == sorted([(SESSION, 0), ("inbox-only", 0)])
+
+
+def test_new_messages_behind_a_waiting_task_do_not_requeue_it(
+    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
+) -> None:
+    add_inbox(redis_client, settings.key_prefix, SESSION, NOW - 100)
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    # More bubbles arrive; the waiting task will claim them all with the first one.
+    add_inbox(redis_client, settings.key_prefix, SESSION, NOW - 50, NOW - 40)
+    run_sweep(redis_client, settings, requeue, schedule, now=NOW + 15)
+
+    assert requeue.calls == [(SESSION, 0)]
+
+
+def test_a_session_stranded_anew_is_requeued_again(
+    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
+) -> None:
+    keys = session_keys(settings.key_prefix, SESSION)
+    add_inbox(redis_client, settings.key_prefix, SESSION, NOW - 100)
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    # The requeued task claimed the message and its worker died: a different state.
+    redis_client.rpoplpush(keys.inbox, keys.processing)
+    run_sweep(redis_client, settings, requeue, schedule, now=NOW + 15)
+    # That claim was answered; a later message is stranded again.
+    redis_client.delete(keys.processing)
+    add_inbox(redis_client, settings.key_prefix, SESSION, NOW + 20)
+    run_sweep(redis_client, settings, requeue, schedule, now=NOW + 60)
+
+    assert requeue.calls == [(SESSION, 0)] * 3
+
+
+def test_an_unchanged_stranded_session_is_requeued_again_after_the_window(
+    make_settings, redis_client: redis.Redis, requeue: Recorder, schedule: Recorder
+) -> None:
+    # The window is WORKER_START_TIMEOUT_SECONDS: a task still not taken after it was lost.
+    settings = make_settings(recovery_grace_seconds=GRACE, worker_start_timeout_seconds=1)
+    add_processing(redis_client, settings.key_prefix, SESSION, received_at=NOW)
+
+    run_sweep(redis_client, settings, requeue, schedule)
+    run_sweep(redis_client, settings, requeue, schedule)
+    assert requeue.calls == [(SESSION, 0)]
+    time.sleep(1.1)
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    assert requeue.calls == [(SESSION, 0)] * 2
+
+
+def test_a_requeue_that_failed_is_tried_again_at_the_next_sweep(
+    redis_client: redis.Redis, settings: Settings, schedule: Recorder
+) -> None:
+    add_processing(redis_client, settings.key_prefix, SESSION, received_at=NOW)
+    calls: list[str] = []
+
+    def broker_down(session: str, delay: float) -> None:
+        calls.append(session)
+        raise ConnectionError("broker unreachable")
+
+    with pytest.raises(ConnectionError):
+        run_sweep(redis_client, settings, broker_down, schedule)  # type: ignore[arg-type]
+    requeue = Recorder([])
+    run_sweep(redis_client, settings, requeue, schedule, now=NOW + 15)
+
+    assert calls == [SESSION]
+    assert requeue.calls == [(SESSION, 0)]
+
+
+# --- the sweep and a delivery touching the same outbox entry ---------------------------
+
+
+def delivery_meanwhile(monkeypatch: pytest.MonkeyPatch, change: Callable[[], None]) -> None:
+    """Run `change` after the sweep read the outbox and before it writes: a delivery
+    attempt that ran in between."""
+    import worker.recovery
+
+    read = worker.recovery.find_stranded
+
+    def read_then_change(*args: object, **kwargs: object) -> SweepReport:
+        report = read(*args, **kwargs)  # type: ignore[arg-type]
+        change()
+        return report
+
+    monkeypatch.setattr(worker.recovery, "find_stranded", read_then_change)
+
+
+def test_the_sweep_does_not_clobber_what_a_delivery_wrote_after_it_read(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = outbox_entry(next_attempt_at=NOW - 600)
+    add_outbox(redis_client, settings.key_prefix, entry)
+    # The late attempt failed again and scheduled its own next attempt.
+    retried = entry.model_copy(
+        update={"attempts": 2, "last_error": "callback answered 502", "next_attempt_at": NOW + 4}
+    )
+    delivery_meanwhile(monkeypatch, lambda: add_outbox(redis_client, settings.key_prefix, retried))
+
+    report = run_sweep(redis_client, settings, requeue, schedule)
+
+    assert [e.idempotency_key for e in report.deliveries] == ["reply-1"]
+    assert stored(redis_client, settings.key_prefix, SESSION, "reply-1") == retried
+    assert schedule.calls == []  # the delivery scheduled its own attempt
+
+
+def test_the_sweep_does_not_bring_back_a_reply_delivered_after_it_read(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_outbox(redis_client, settings.key_prefix, outbox_entry(next_attempt_at=NOW - 600))
+    keys = session_keys(settings.key_prefix, SESSION)
+    delivery_meanwhile(monkeypatch, lambda: redis_client.hdel(keys.outbox, "reply-1"))
+
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    assert not redis_client.exists(keys.outbox)
+    assert schedule.calls == []
+
+
+# --- replies older than the max age ----------------------------------------------------
+
+
+def dead(client: redis.Redis, prefix: str) -> dict[str, OutboxEntry]:
+    raw = client.hgetall(dead_letters(prefix))
+    return {k: OutboxEntry.model_validate_json(v) for k, v in raw.items()}
+
+
+def aged(next_attempt_at: float, age: float) -> OutboxEntry:
+    return outbox_entry(next_attempt_at=next_attempt_at).model_copy(
+        update={"created_at": NOW - age}
+    )
+
+
+def test_a_lost_reply_older_than_the_max_age_is_dead_lettered(
+    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
+) -> None:
+    entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
+    add_outbox(redis_client, settings.key_prefix, entry)
+
+    report = run_sweep(redis_client, settings, requeue, schedule)
+
+    assert [e.idempotency_key for e in report.expired] == ["reply-1"]
+    assert report.deliveries == []
+    assert schedule.calls == []
+    assert not redis_client.exists(session_keys(settings.key_prefix, SESSION).outbox)
+    letter = dead(redis_client, settings.key_prefix)["reply-1"]
+    assert letter.failed_at == NOW
+    assert letter.attempts == entry.attempts
+    assert "CALLBACK_MAX_AGE_SECONDS" in (letter.last_error or "")
+    assert "callback answered 503" in (letter.last_error or "")
+    assert letter.payload == entry.payload
+
+
+def test_an_old_reply_whose_attempt_is_still_due_is_left_to_it(
+    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
+) -> None:
+    # Past the max age but its last scheduled attempt is not overdue: that attempt
+    # dead-letters it if it fails.
+    entry = aged(next_attempt_at=NOW - 5, age=settings.callback_max_age_seconds + 60)
+    add_outbox(redis_client, settings.key_prefix, entry)
+
+    report = run_sweep(redis_client, settings, requeue, schedule)
+
+    assert report.expired == [] and report.deliveries == []
+    assert stored(redis_client, settings.key_prefix, SESSION, "reply-1") == entry
+    assert dead(redis_client, settings.key_prefix) == {}
+
+
+def test_expiry_yields_to_a_delivery_that_updated_the_reply_meanwhile(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
+    add_outbox(redis_client, settings.key_prefix, entry)
+    retried = entry.model_copy(update={"attempts": 2, "next_attempt_at": NOW + 2})
+    delivery_meanwhile(monkeypatch, lambda: add_outbox(redis_client, settings.key_prefix, retried))
+
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    assert stored(redis_client, settings.key_prefix, SESSION, "reply-1") == retried
+    assert dead(redis_client, settings.key_prefix) == {}
+
+
+def test_expiry_of_a_reply_another_attempt_dead_lettered_meanwhile_keeps_one_letter(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
+    add_outbox(redis_client, settings.key_prefix, entry)
+    keys = session_keys(settings.key_prefix, SESSION)
+    theirs = entry.model_copy(update={"attempts": 2, "failed_at": NOW - 1})
+
+    def dead_lettered() -> None:
+        redis_client.hset(dead_letters(settings.key_prefix), "reply-1", theirs.model_dump_json())
+        redis_client.hdel(keys.outbox, "reply-1")
+
+    delivery_meanwhile(monkeypatch, dead_lettered)
+
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    assert not redis_client.exists(keys.outbox)
+    assert list(dead(redis_client, settings.key_prefix)) == ["reply-1"]

@@ -9,7 +9,7 @@ from redis.crc import key_slot
 from common.conversation_store import ConversationStore
 from common.inbox import Inbox
 from common.keys import session_keys
-from common.messages import PendingMessage, StoredMessage
+from common.messages import CallbackPayload, OutboxEntry, PendingMessage, StoredMessage
 
 
 @pytest.fixture
@@ -187,3 +187,61 @@ def test_conversation_metadata_is_kept_when_a_later_turn_has_none(parts):
     )
 
     assert store.history(keys).metadata == {"name": "Ana"}
+
+
+def _reply_entry(key: str) -> OutboxEntry:
+    payload = CallbackPayload(
+        to="+59170000001",
+        session_id="+59170000001",
+        reply="ok",
+        in_reply_to=["m0"],
+        conversation_id="conv_1",
+        metadata={},
+        model="tiny",
+        generated_at="2026-01-01T00:00:00+00:00",
+        latency_ms=5,
+    )
+    return OutboxEntry(
+        session_id="+59170000001",
+        idempotency_key=key,
+        url="http://127.0.0.1:9/x",
+        payload=payload,
+        created_at=1700000000,
+        next_attempt_at=1700000000,
+    )
+
+
+def test_the_outbox_outlives_the_longest_delivery_not_the_conversation(make_settings, redis_client):
+    # Conversations expire after a minute; n8n may be retried for an hour. A reply still
+    # being retried must not expire with the conversation: it is delivered or dead-lettered.
+    settings = make_settings(session_expire_time=60, callback_max_age_seconds=3600)
+    keys = session_keys(settings.key_prefix, "+59170000001")
+    inbox, store = Inbox(redis_client, settings), ConversationStore(redis_client, settings)
+    inbox.accept(keys, pending(0))
+    batch = inbox.claim(keys)
+    messages = [StoredMessage(message_id="m0", role="user", content="x", timestamp="t")]
+
+    assert store.commit(
+        keys,
+        batch,
+        conversation_id="conv_1",
+        user_id="+59170000001",
+        messages=messages,
+        metadata={},
+        now="2026-01-01T00:00:00+00:00",
+        outbox=_reply_entry("k1"),
+    )
+
+    assert 0 < redis_client.ttl(keys.messages) <= 60
+    ttl = redis_client.ttl(keys.outbox)
+    longest_delivery = (
+        settings.callback_max_age_seconds
+        + settings.callback_max_backoff_seconds
+        + settings.callback_timeout_seconds
+        + settings.recovery_grace_seconds
+        + settings.recovery_interval_seconds
+    )
+    assert ttl >= longest_delivery
+    from common.conversation_store import outbox_ttl_seconds
+
+    assert 0 <= outbox_ttl_seconds(settings) - ttl <= 2

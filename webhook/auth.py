@@ -99,4 +99,8 @@ def check_startup(settings: Settings) -> None:
             "will be refused, since no callback URL is allowed"
         )
     if settings.admin_token is None and not settings.is_production:
-        log.warning("SECURITY: no ADMIN_TOKEN set; history endpoints are open (development)")
+        log.warning(
+            "SECURITY: no ADMIN_TOKEN set; the admin endpoints are open (development): "
+            "/chat/history (read and delete conversations), /metrics and the debug "
+            "/redis/* endpoints (including DELETE /redis/clear)"
+        )

@@ -2,8 +2,11 @@
 attempts or age run out, move the reply to the dead letters.
 
 Later attempts are separate Celery tasks with a countdown, so waiting for n8n never
-blocks a worker. The reply stays in its session's outbox until it is delivered or dead,
-and the idempotency key travels with it unchanged.
+blocks a worker. The reply stays in its session's outbox until it is delivered or dead
+(the outbox's expiry outlives the longest delivery, see
+`common.conversation_store.outbox_ttl_seconds`), and the idempotency key travels with it
+unchanged. A reply whose attempts were all lost is dead-lettered by the recovery sweep
+once it is older than CALLBACK_MAX_AGE_SECONDS.
 """
 
 from __future__ import annotations
@@ -64,11 +67,15 @@ class Delivery:
                     self.schedule(entry.session_id, entry.idempotency_key, delay)
             else:
                 # Dead letter first, then leave the outbox: a crash in between keeps both,
-                # never neither. If the entry had already left (delivered by another
-                # attempt), it is not a dead letter after all.
-                self.dead_letters.add(entry.model_copy(update={"failed_at": now}))
+                # never neither. If the entry had already left, either another attempt
+                # delivered it (then this letter, if it was the first, is taken back) or
+                # someone else gave up on it too (then their letter stays; see
+                # worker.outbox for why this never leaves none).
+                letter = entry.model_copy(update={"failed_at": now})
+                first = self.dead_letters.add(letter)
                 if not self.outbox.remove(keys, entry.idempotency_key):
-                    self.dead_letters.remove(entry.idempotency_key)
+                    if first:
+                        self.dead_letters.remove_if(letter)
                     return False
                 CALLBACKS.labels("dead").inc()
                 log.error(

@@ -2,7 +2,9 @@
 
 `check` is what the seeds' test-redis script did, for this product: it reads the
 settings, pings Redis, connects to the broker and (unless told not to) loads the model
-and generates one reply, printing one line per step and failing on the first problem.
+and generates one reply, printing one line per step. Every step runs even after one
+failed (so one run shows every problem; only unreadable settings stop it at once), and
+the exit status is 1 if any step failed.
 """
 
 from __future__ import annotations
