@@ -45,3 +45,9 @@ test: setup redis lint  ## lint, then the whole test suite (unit and end-to-end)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: bench
+bench: setup redis  ## benchmarks of webhook, pipeline and memory (see BENCHMARKS.md)
+	$(BIN)/python -m bench.webhook_throughput
+	$(BIN)/python -m bench.pipeline_overhead
+	$(BIN)/python -m bench.memory
