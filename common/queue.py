@@ -93,9 +93,11 @@ def make_celery(settings: Settings, main: str = "worker") -> Celery:
             "socket_connect_timeout": settings.redis_socket_timeout,
         },
         broker_connection_retry_on_startup=True,
-        # Flower shows tasks live only when workers send events.
+        # Flower shows tasks live only when workers send events. The webhook's own "sent"
+        # event would cost every accepted message another publish (13% of the webhook's
+        # throughput, BENCHMARKS.md) for a state flower shows for a few milliseconds.
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )
     return app
