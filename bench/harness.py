@@ -148,9 +148,11 @@ def http_ok(url: str) -> bool:
 
 
 def gunicorn_settings() -> dict[str, Any]:
-    """Worker count and class as gunicorn.conf.py sets them (gunicorn's default: sync)."""
+    """Worker count, class and threads as gunicorn.conf.py sets them (gunicorn's defaults:
+    1 sync worker, 1 thread)."""
     conf = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
-    return {"workers": conf.get("workers", 1), "worker_class": conf.get("worker_class", "sync")}
+    return {"workers": conf.get("workers", 1), "worker_class": conf.get("worker_class", "sync"),
+            "threads": conf.get("threads", 1)}  # fmt: skip
 
 
 def gunicorn_command(app: str, port: int) -> list[str]:

@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--think-ms", type=float, default=0, help="pause before the next message")
     parser.add_argument(
         "--no-events", action="store_true",
-        help="experiment: no Celery task events (webhook task-sent, worker task-*)",
+        help="experiment: no worker task-* events (the webhook's task-sent is off anyway)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true", help="then profile 8 conversations with py-spy"

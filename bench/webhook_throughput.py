@@ -18,6 +18,7 @@ Targets: webhook >= 50% of the bare app's requests/s; p99 < 25 ms at that half r
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from bench.harness import (
     APPS,
     REDIS_URL,
     Run,
+    children,
     conditions,
     cpu_seconds,
     gunicorn,
@@ -49,7 +51,9 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for part in parts:
         for status, count in part["statuses"].items():
             statuses[status] = statuses.get(status, 0) + count
-    answered = sum(part["answered_in_all"] for part in parts)
+    # max(1, ...): a server that answered nothing (it happened once, after the open loop
+    # it could not keep up with) still gets its row, with 0 req/s and its errors.
+    answered = max(1, sum(part["answered_in_all"] for part in parts))
     return {
         "requests_per_s": round(len(latencies) / window, 1),
         "cpu_ms_per_request": {
@@ -60,6 +64,10 @@ def combine(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "send_lag_ms": latency_summary(lag) if lag else None,
         "statuses": statuses,
         "errors": sum(sum(part["errors"].values()) for part in parts),
+        "rounds": [
+            {"requests_per_s": p["requests_per_s"], "worker_cpu_s": p["worker_cpu_s"]}
+            for p in parts
+        ],
         "driver_cpu_percent": round(
             100 * sum(p["driver_cpu_s"] for p in parts) / sum(p["driver_wall_s"] for p in parts)
         ),
@@ -75,31 +83,48 @@ def row(app: str, load_name: str, result: dict[str, Any]) -> list[object]:
 
 
 # Experiments (--experiments): the webhook with one thing changed, against the unchanged
-# webhook in alternating rounds. (gunicorn app spec, environment overrides)
+# webhook in alternating rounds. (gunicorn app spec, environment overrides.) Each undoes one
+# of this release's changes, to show what it bought; two keep the run under 3 minutes.
 EXPERIMENTS = {
-    "no task-sent event": ("bench.variants:webhook_without_sent_events()", {}),
-    "LOG_LEVEL=WARNING": (APPS["webhook"], {"LOG_LEVEL": "WARNING"}),
-    "4 sync workers": (APPS["webhook"], {"WEB_CONCURRENCY": "4"}),
-    "gthread, 2 workers x 4 threads": (
+    "task-sent event on (previous default)": ("bench.variants:webhook_with_sent_events()", {}),
+    "2 sync workers (previous default)": (
         APPS["webhook"],
-        {"GUNICORN_CMD_ARGS": "--worker-class gthread --threads 4"},
-    ),
-    "all of: no event, WARNING, 4 workers": (
-        "bench.variants:webhook_without_sent_events()",
-        {"LOG_LEVEL": "WARNING", "WEB_CONCURRENCY": "4"},
+        # Overrides gunicorn.conf.py; with threads > 1 gunicorn would turn sync into gthread.
+        {"GUNICORN_CMD_ARGS": "--worker-class sync --threads 1"},
     ),
 }
 
 
 def measured_load(port: int, master: int, duration: float, **options: Any) -> dict[str, Any]:
-    """bench.loadgen's result plus the CPU time gunicorn (master and workers) and Redis used."""
+    """bench.loadgen's result plus the CPU time gunicorn (master and workers) and Redis used,
+    and each gunicorn worker's own: kept-alive connections stay with the worker that
+    accepted them, which can be one worker only."""
     redis_pid = redis_server_pid()
+    workers = children(master)
     servers = {"gunicorn": process_tree(master), "redis": [redis_pid] if redis_pid else []}
     before = {name: cpu_seconds(pids) for name, pids in servers.items()}
+    before_each = [cpu_seconds([pid]) for pid in workers]
     result = load(port, duration, **options)
     for name, pids in servers.items():
         result[f"{name}_cpu_s"] = cpu_seconds(pids) - before[name]
+    result["worker_cpu_s"] = [
+        round(cpu_seconds([pid]) - b, 2) for pid, b in zip(workers, before_each, strict=True)
+    ]
     return result
+
+
+def settle(master: int, timeout: float = 120) -> float:
+    """Wait until gunicorn is idle; returns the seconds waited. After an open loop the
+    server could not keep up with, requests whose client gave up may still be queued (a
+    gthread worker accepts connections beyond its threads); they must not land in the next
+    measurement."""
+    tree, started = process_tree(master), time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = cpu_seconds(tree)
+        time.sleep(0.5)
+        if cpu_seconds(tree) - before < 0.02:  # under 4% of a core
+            break
+    return round(time.monotonic() - started, 1)
 
 
 def saturate(
@@ -112,7 +137,9 @@ def saturate(
             duration = args.duration / args.rounds
             part = measured_load(port, master, duration, connections=args.connections)
             rounds[app].append(part)
-            print(f"  {app}: {part['requests_per_s']} req/s", flush=True)
+            split = " / ".join(f"{s:.1f}" for s in part["worker_cpu_s"])
+            print(f"  {app}: {part['requests_per_s']} req/s (CPU s per worker: {split})",
+                  flush=True)  # fmt: skip
     return {app: combine(parts) for app, parts in rounds.items()}
 
 
@@ -121,6 +148,7 @@ def experiments(run: Run, webhook: tuple[int, int], args: argparse.Namespace) ->
     for name, (app, overrides) in EXPERIMENTS.items():
         label = "exp-" + "".join(c if c.isalnum() else "-" for c in name)
         with gunicorn(app, run, label, run.env(**overrides)) as target:
+            settle(target[1])  # every worker has loaded the app
             got = saturate({"webhook": webhook, name: target}, args)
         run.purge()
         base, variant = got["webhook"], got[name]
@@ -128,8 +156,14 @@ def experiments(run: Run, webhook: tuple[int, int], args: argparse.Namespace) ->
         rows.append([name, base["requests_per_s"], variant["requests_per_s"], f"{ratio:.2f}x",
                      variant["latency_ms"]["p50"], variant["latency_ms"]["p99"],
                      base["cpu_ms_per_request"]["gunicorn"],
-                     variant["cpu_ms_per_request"]["gunicorn"]])  # fmt: skip
+                     variant["cpu_ms_per_request"]["gunicorn"],
+                     rounds(base), rounds(variant)])  # fmt: skip
     return rows
+
+
+def rounds(result: dict[str, Any]) -> str:
+    """Each round's req/s: a gthread round whose connections all went to one worker shows."""
+    return " / ".join(f"{r['requests_per_s']:.0f}" for r in result["rounds"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run.new("throughput")
     env = run.env()
     gconf = gunicorn_settings()
-    print(f"gunicorn: {gconf['workers']} {gconf['worker_class']} workers; logs in {run.logs}")
+    print(f"gunicorn: {gconf['workers']} {gconf['worker_class']} workers x {gconf['threads']} "
+          f"threads; logs in {run.logs}")  # fmt: skip
     results: dict[str, dict[str, Any]] = {}
     purged = 0
     try:
@@ -161,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for app, (port, master) in targets.items():
                 part = measured_load(port, master, args.duration, rate=half)
                 results[f"{app}|open"] = combine([part])
-                print(f"  {app} at {half:.0f} req/s: done", flush=True)
+                waited = results[f"{app}|open"]["busy_after_s"] = settle(master)
+                print(f"  {app} at {half:.0f} req/s: done; idle again {waited} s later",
+                      flush=True)  # fmt: skip
             own_half = results["webhook|saturation"]["requests_per_s"] / 2
             own = measured_load(*webhook, args.duration, rate=own_half)
             results["webhook|open-own"] = combine([own])
@@ -190,14 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"- webhook p99 at {half:.0f} req/s: **{open_p99:.1f} ms** (target < 25 ms)")
     print(f"- driver: {results['webhook|saturation']['driver_cpu_percent']}% of a core at "
           f"saturation; open-loop send lag p99 {lag['p99']:.1f} ms")  # fmt: skip
-    print(f"- gunicorn {gconf['workers']} x {gconf['worker_class']}; {load_text}")
+    print(f"- gunicorn {gconf['workers']} x {gconf['worker_class']} ({gconf['threads']} "
+          f"threads); {load_text}")  # fmt: skip
     print(f"- tasks left in the private queue: {queued}; {purged} Redis keys purged")
     if experiment_rows:
         print()
         print("Experiments: each against the unchanged webhook, in alternating rounds:")
         print()
         headers = ["variant", "webhook req/s", "variant req/s", "ratio", "variant p50 ms",
-                   "variant p99 ms", "webhook CPU ms/req", "variant CPU ms/req"]  # fmt: skip
+                   "variant p99 ms", "webhook CPU ms/req", "variant CPU ms/req",
+                   "webhook rounds req/s", "variant rounds req/s"]  # fmt: skip
         print(markdown_table(headers, experiment_rows))
     path = save_results(
         "webhook_throughput" + ("_experiments" if args.experiments else ""),
