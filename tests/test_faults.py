@@ -341,10 +341,11 @@ def test_worker_sigkilled_mid_generation_answers_once(
         assert "recovery: re-queued" in second.log.read_text(errors="replace")
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_worker_sigterm_mid_generation_finishes_and_nothing_is_lost(
-    model_dir: Path, redis_url: str, tmp_path: Path
+    model_dir: Path, redis_url: str, tmp_path: Path, pool: str
 ):
-    with rig(tmp_path, redis_url, model_dir, SLOW_TOKENS, WORKER_PROCESSES) as deployment:
+    with rig(tmp_path, redis_url, model_dir, SLOW_TOKENS, WORKER_PROCESSES, pool) as deployment:
         first = deployment.workers[0]
         arrived: list[float] = []
         deployment.receiver.status_for = _timed(lambda n: 200, arrived)
