@@ -18,9 +18,11 @@ from common.settings import Settings
 
 RATE_WINDOW_SECONDS = 60
 
-# KEYS: seen, rate, inbox, conversation, messages
+# KEYS: seen, rate, inbox, conversation, messages[, task queue]
 # ARGV: message json, dedupe ttl, rate limit (0 = off), rate window, max pending, session ttl
-# Every accepted message renews the conversation's TTL, as the seeds did.
+#       [, task message]
+# Every accepted message renews the conversation's TTL, as the seeds did. With a task
+# queue (the broker is this same Redis), the reply task is queued in the same step.
 _ACCEPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'duplicate', 0}
@@ -43,6 +45,7 @@ end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 local size = redis.call('RPUSH', KEYS[3], ARGV[1])
 for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if KEYS[6] then redis.call('LPUSH', KEYS[6], ARGV[7]) end
 return {'queued', size}
 """
 
@@ -82,6 +85,14 @@ class AcceptResult:
 
 
 @dataclass(frozen=True)
+class QueuedTask:
+    """A broker message to push onto `queue` (a list in this same Redis) on acceptance."""
+
+    queue: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Batch:
     """Messages claimed together; `raw` identifies the claim when its answer is committed."""
 
@@ -102,25 +113,30 @@ class Inbox:
         self._claim = client.register_script(_CLAIM)
         self._client = client
 
-    def accept(self, keys: SessionKeys, message: PendingMessage) -> AcceptResult:
+    def accept(
+        self, keys: SessionKeys, message: PendingMessage, task: QueuedTask | None = None
+    ) -> AcceptResult:
+        """Store the message once; with `task`, also queue it if (and only if) stored."""
         s = self._settings
-        status, number = self._accept(
-            keys=[
-                keys.seen(message.message_id),
-                keys.rate,
-                keys.inbox,
-                keys.conversation,
-                keys.messages,
-            ],
-            args=[
-                message.model_dump_json(),
-                s.dedupe_ttl_seconds,
-                s.rate_limit_per_minute,
-                RATE_WINDOW_SECONDS,
-                s.max_pending_per_session,
-                s.session_expire_time,
-            ],
-        )
+        script_keys = [
+            keys.seen(message.message_id),
+            keys.rate,
+            keys.inbox,
+            keys.conversation,
+            keys.messages,
+        ]
+        args: list[str | int] = [
+            message.model_dump_json(),
+            s.dedupe_ttl_seconds,
+            s.rate_limit_per_minute,
+            RATE_WINDOW_SECONDS,
+            s.max_pending_per_session,
+            s.session_expire_time,
+        ]
+        if task is not None:
+            script_keys.append(task.queue)
+            args.append(task.message)
+        status, number = self._accept(keys=script_keys, args=args)
         if status == "queued":
             return AcceptResult("queued", pending=int(number))
         if status == "rate_limited":

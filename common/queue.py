@@ -12,9 +12,15 @@ Celery's own retries, which would otherwise show the raw arguments).
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
+from uuid import uuid4
 
 from celery import Celery, Task
+from celery.utils.nodenames import anon_nodename
+from kombu.serialization import dumps
+from kombu.utils.uuid import uuid
 
 from common.privacy import mask_task_args, mask_task_kwargs
 from common.settings import Settings
@@ -34,6 +40,46 @@ def send_reply_task(
         countdown=countdown or None,
         **options,
     )
+
+
+def reply_task_message(app: Celery, session_id: str) -> str:
+    """The reply task exactly as Celery and kombu's Redis transport would LPUSH it.
+
+    The webhook pushes it from its accept script, so storing a message and queueing its
+    task are one atomic round trip, with no kombu publish in the request (that path was
+    ~44% of the webhook's CPU, BENCHMARKS.md). Celery builds the task message (protocol
+    2: headers, properties, body); the envelope around it is the one kombu's virtual
+    transport writes for the anonymous exchange. `tests/test_queue.py` compares it with
+    what `send_task` writes, and every end-to-end test has a real worker consume it.
+    """
+    task_id = uuid()
+    task = app.amqp.as_task_v2(
+        task_id,
+        REPLY_TASK,
+        args=[session_id],
+        kwargs={},
+        argsrepr=mask_task_args([session_id]),
+        kwargsrepr="{}",
+        origin=anon_nodename(),
+        ignore_result=True,  # replies travel by callback (task_ignore_result)
+    )
+    content_type, content_encoding, body = dumps(task.body, serializer="json")
+    queue = app.conf.task_default_queue
+    envelope = {
+        "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": task.headers,
+        "properties": {
+            **task.properties,
+            "delivery_mode": 2,  # persistent, Celery's default for task queues
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid4()),
+        },
+    }
+    return json.dumps(envelope)
 
 
 def send_delivery_task(

@@ -371,3 +371,39 @@ def test_webhook_never_imports_torch_or_transformers():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "clean"
+
+
+def test_with_a_separate_broker_the_task_is_published_there(settings, redis_client):
+    from webhook import create_app
+
+    broker_url = settings.redis_url.rsplit("/", 1)[0] + "/13"
+    separate = settings.model_copy(update={"broker_url": broker_url})
+    broker = redis.Redis.from_url(broker_url, decode_responses=True)
+    try:
+        response = post(create_app(separate).test_client(), GOOD)
+
+        assert response.status_code == 202
+        assert queued_tasks(redis_client, settings) == []  # not in the conversations' Redis
+        [task] = [json.loads(raw) for raw in broker.lrange(settings.task_queue, 0, -1)]
+        assert task["headers"]["task"] == "worker.reply_to_session"
+    finally:
+        broker.delete(settings.task_queue)
+        broker.close()
+
+
+def test_unreachable_separate_broker_is_503_and_the_message_is_not_kept(settings, redis_client):
+    from webhook import create_app
+
+    dead = settings.model_copy(
+        update={"broker_url": f"redis://127.0.0.1:{free_port()}/0", "redis_socket_timeout": 0.2}
+    )
+    client = create_app(dead).test_client()
+
+    response = post(client, GOOD)
+
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) > 0
+    # Withdrawn, so a retry is not "duplicate"; only the rate counter stays, given back.
+    keys = session_keys(settings.key_prefix, GOOD["from"])
+    assert stored_keys(redis_client, settings) == [keys.rate]
+    assert redis_client.get(keys.rate) == "0"

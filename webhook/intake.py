@@ -10,11 +10,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from pydantic import ValidationError
 
-from common.inbox import AcceptResult
-from common.keys import session_keys
+from common.inbox import AcceptResult, QueuedTask
+from common.keys import SessionKeys, session_keys
 from common.messages import InboundMessage, PendingMessage
 from common.privacy import mask_phone
-from common.queue import send_reply_task
+from common.queue import reply_task_message, send_reply_task
 from webhook.auth import check_webhook_credentials
 from webhook.errors import UNAVAILABLE, error_response
 from webhook.metrics import MESSAGES, STATUSES
@@ -78,12 +78,35 @@ def _callback_problem(inbound: InboundMessage, svc: Services) -> Response | None
 
 
 def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
-    """Store the message once and queue its task; undo the store if queueing fails."""
+    """Store the message once and queue its task, atomically when the broker allows it.
+
+    With the broker on the same Redis, one script stores and queues (one round trip).
+    With another broker, the task is published after the store, and the store is undone
+    if publishing fails.
+    """
     keys = session_keys(svc.settings.key_prefix, message.session_id)
-    result = svc.inbox.accept(keys, message)
+    task = None
+    if svc.queue_in_accept:
+        task = QueuedTask(
+            svc.settings.task_queue, reply_task_message(svc.celery, message.session_id)
+        )
+    result = svc.inbox.accept(keys, message, task)
     MESSAGES.labels(result.status).inc()
     if result.status != "queued":
         return result
+    if task is None:
+        _publish_or_withdraw(svc, keys, message)
+    log.info(
+        "queued message_id=%s from=%s kind=%s pending=%d",
+        message.message_id,
+        mask_phone(message.sender),
+        message.kind,
+        result.pending,
+    )
+    return result
+
+
+def _publish_or_withdraw(svc: Services, keys: SessionKeys, message: PendingMessage) -> None:
     try:
         send_reply_task(
             svc.celery, message.session_id, retry=True, retry_policy=PUBLISH_RETRY_POLICY
@@ -95,14 +118,6 @@ def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
         except UNAVAILABLE:
             log.error("message %s stays in the inbox for the recovery sweep", message.message_id)
         raise
-    log.info(
-        "queued message_id=%s from=%s kind=%s pending=%d",
-        message.message_id,
-        mask_phone(message.sender),
-        message.kind,
-        result.pending,
-    )
-    return result
 
 
 def _too_many(result: AcceptResult) -> Response:

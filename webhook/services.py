@@ -33,6 +33,8 @@ class Services:
     store: ConversationStore
     celery: Celery
     callback_hosts: CallbackHostPolicy
+    # The broker is the conversations' Redis: queue the task inside the accept script.
+    queue_in_accept: bool
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -44,6 +46,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         store=ConversationStore(client, settings),
         celery=make_celery(settings, main="webhook"),
         callback_hosts=CallbackHostPolicy(settings),
+        queue_in_accept=settings.effective_broker_url == settings.redis_url,
     )
 
 
