@@ -46,8 +46,12 @@ test: setup redis lint  ## lint, then the whole test suite (unit and end-to-end)
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
-.PHONY: bench
+.PHONY: bench bench-generation
 bench: setup redis  ## benchmarks of webhook, pipeline and memory (see BENCHMARKS.md)
 	$(BIN)/python -m bench.webhook_throughput
 	$(BIN)/python -m bench.pipeline_overhead
 	$(BIN)/python -m bench.memory
+
+bench-generation: setup  ## naive against batched generation, DialoGPT shapes (~20 min)
+	$(BIN)/python -m bench.generation --shapes small medium --dtype float32 bfloat16
+	$(BIN)/python -m bench.sampling
