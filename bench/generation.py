@@ -30,18 +30,10 @@ from pathlib import Path
 
 import torch
 
+from bench.harness import DIALOGPT_SHAPES, build_dialogpt_shape, save_results
 from common.settings import Settings
 from worker.context import Turn
 from worker.model import ChatModel, GeneratedReply
-from worker.tiny_model import build_tiny_model
-
-SHAPES = {
-    "small": {"layers": 12, "width": 768, "heads": 12},
-    "medium": {"layers": 24, "width": 1024, "heads": 16},
-}
-GPT2_VOCAB = 50257
-DIALOGPT_CONTEXT = 1024
-RESULTS_DIR = Path(__file__).parent / "results"
 
 # Short WhatsApp-like exchanges of different lengths (prompts of about 10-60 tokens).
 OPENERS = [
@@ -179,7 +171,7 @@ def table(rows: Sequence[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["small"])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(DIALOGPT_SHAPES), default=["small"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply")
     parser.add_argument("--rounds", type=int, default=2, help="replies per conversation")
@@ -193,18 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         for shape in args.shapes:
-            model_dir = build_tiny_model(
-                Path(tmp) / shape,
-                context=DIALOGPT_CONTEXT,
-                vocab_size=GPT2_VOCAB,
-                **SHAPES[shape],
-            )
+            model_dir, _ = build_dialogpt_shape(Path(tmp) / shape, shape)
             for dtype in args.dtype:
                 rows += measure(
                     shape, dtype, model_dir, args.concurrency, args.tokens, args.rounds, args.paths
                 )
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "generation.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    save_results("generation", {"rows": [asdict(r) for r in rows]})
     print(table(rows))
     return 0
 

@@ -361,15 +361,20 @@ def callback_receiver() -> Iterator[CallbackReceiver]:
 
 # --- The model -------------------------------------------------------------------------
 
-DIALOGPT_SMALL = {"layers": 12, "width": 768, "heads": 12, "context": 1024, "vocab_size": 50257}
+# GPT-2 configs of the two DialoGPT sizes, with GPT-2's output layer and positions: random
+# weights of these shapes cost exactly what the real ones cost per token.
+DIALOGPT_SHAPES = {
+    "small": {"layers": 12, "width": 768, "heads": 12, "context": 1024, "vocab_size": 50257},
+    "medium": {"layers": 24, "width": 1024, "heads": 16, "context": 1024, "vocab_size": 50257},
+}
 
 
-def build_dialogpt_small_shape(directory: Path) -> tuple[Path, int]:
-    """Random weights in DialoGPT-small's exact shape, and the tiny offline tokenizer
+def build_dialogpt_shape(directory: Path, shape: str = "small") -> tuple[Path, int]:
+    """Random weights in a DialoGPT size's exact shape, and the tiny offline tokenizer
     (worker.tiny_model); returns the directory and the parameter count."""
     from worker.tiny_model import build_tiny_model
 
-    path = build_tiny_model(directory, **DIALOGPT_SMALL)
+    path = build_tiny_model(directory, **DIALOGPT_SHAPES[shape])
     config = json.loads((path / "config.json").read_text())
     width, vocab, context = config["n_embd"], config["vocab_size"], config["n_positions"]
     # GPT-2: embeddings (tied with the output layer) + per layer 12*w^2 + 13*w + final LN.

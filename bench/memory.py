@@ -36,7 +36,7 @@ from bench.harness import (
     WEBHOOK_TOKEN,
     CallbackReceiver,
     Run,
-    build_dialogpt_small_shape,
+    build_dialogpt_shape,
     callback_receiver,
     celery_command,
     children,
@@ -176,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run.purge()  # the warm-up's tasks must not reach the worker below
         if not args.skip_worker:
             with tempfile.TemporaryDirectory(prefix="bench-dialogpt-small-") as tmp:
-                model_dir, params = build_dialogpt_small_shape(Path(tmp) / "model")
+                model_dir, params = build_dialogpt_shape(Path(tmp) / "model")
                 with callback_receiver() as receiver:
                     env = run.env(
                         N8N_CALLBACK_URL=receiver.url, MODEL_NAME=str(model_dir),

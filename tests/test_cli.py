@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from common.messages import CallbackPayload, OutboxEntry
+from common.messages import OutboxEntry
 from common.settings import get_settings
+from tests.factories import callback_payload, outbox_entry
 from tests.processes import callback_receiver
 from worker.cli import main
 from worker.outbox import DeadLetters
@@ -23,22 +24,10 @@ def dead_letters(settings, redis_client, monkeypatch) -> DeadLetters:
 
 
 def dead_letter(key: str, url: str, failed_at: float) -> OutboxEntry:
-    payload = CallbackPayload(
-        to="+59170000001",
-        session_id="+59170000001",
-        reply=f"reply {key}",
-        in_reply_to=[f"m-{key}"],
-        conversation_id="conv_1",
-        metadata={},
-        model="tiny",
-        generated_at="2026-01-01T00:00:00+00:00",
-        latency_ms=5,
-    )
-    return OutboxEntry(
-        session_id="+59170000001",
-        idempotency_key=key,
+    return outbox_entry(
+        key,
+        callback_payload(reply=f"reply {key}", in_reply_to=[f"m-{key}"]),
         url=url,
-        payload=payload,
         created_at=failed_at - 60,
         next_attempt_at=failed_at,
         attempts=4,

@@ -608,18 +608,28 @@ def test_final_failure_after_someone_else_delivered_is_not_a_dead_letter(
     schedule: Recorder,
     case: str,
 ) -> None:
-    status, attempts = (404, 0) if case == "permanent" else (503, MAX_RETRIES)
-    fake_http.add_callback(
-        responses.POST, URL, callback=delivered_meanwhile(redis_client, settings, status)
-    )
-    entry = make_entry(attempts=attempts)
-    put(redis_client, settings, entry)
-
-    assert delivery.attempt(entry) is False
+    fail_finally_while(delivered_meanwhile, case, delivery, fake_http, redis_client, settings)
 
     assert schedule.calls == []
     assert stored(redis_client, settings) is None
     assert dead(redis_client, settings) == {}
+
+
+def fail_finally_while(
+    meanwhile: Callable[[redis.Redis, Settings, int], Callable],
+    case: str,
+    delivery: Delivery,
+    fake_http: responses.RequestsMock,
+    redis_client: redis.Redis,
+    settings: Settings,
+) -> None:
+    """A last attempt (permanent 4xx, or retries used up) during which `meanwhile` runs."""
+    status, attempts = (404, 0) if case == "permanent" else (503, MAX_RETRIES)
+    fake_http.add_callback(responses.POST, URL, callback=meanwhile(redis_client, settings, status))
+    entry = make_entry(attempts=attempts)
+    put(redis_client, settings, entry)
+
+    assert delivery.attempt(entry) is False
 
 
 def dead_lettered_meanwhile(client: redis.Redis, settings: Settings, status: int) -> Callable:
@@ -646,14 +656,7 @@ def test_final_failure_after_someone_else_dead_lettered_it_keeps_a_dead_letter(
     case: str,
 ) -> None:
     # Both gave up on the same reply at once: one letter must remain, never none.
-    status, attempts = (404, 0) if case == "permanent" else (503, MAX_RETRIES)
-    fake_http.add_callback(
-        responses.POST, URL, callback=dead_lettered_meanwhile(redis_client, settings, status)
-    )
-    entry = make_entry(attempts=attempts)
-    put(redis_client, settings, entry)
-
-    assert delivery.attempt(entry) is False
+    fail_finally_while(dead_lettered_meanwhile, case, delivery, fake_http, redis_client, settings)
 
     assert schedule.calls == []
     assert stored(redis_client, settings) is None

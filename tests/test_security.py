@@ -16,6 +16,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from common.callback_hosts import CallbackHostPolicy
 from common.messages import CallbackPayload
+from tests.factories import callback_payload
 from webhook import create_app
 from webhook.auth import meta_signature
 from worker.callback import CallbackClient
@@ -221,15 +222,12 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 
 
 def _payload() -> CallbackPayload:
-    return CallbackPayload(
+    return callback_payload(
         to="+59112345678",
         session_id="+59112345678",
         reply="hola",
         in_reply_to=["m1"],
         conversation_id="c",
-        metadata={},
-        model="tiny",
-        generated_at="2026-01-01T00:00:00+00:00",
         latency_ms=1,
     )
 

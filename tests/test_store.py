@@ -9,7 +9,8 @@ from redis.crc import key_slot
 from common.conversation_store import ConversationStore
 from common.inbox import Inbox
 from common.keys import session_keys
-from common.messages import CallbackPayload, OutboxEntry, PendingMessage, StoredMessage
+from common.messages import PendingMessage, StoredMessage
+from tests.factories import outbox_entry
 
 
 @pytest.fixture
@@ -189,28 +190,6 @@ def test_conversation_metadata_is_kept_when_a_later_turn_has_none(parts):
     assert store.history(keys).metadata == {"name": "Ana"}
 
 
-def _reply_entry(key: str) -> OutboxEntry:
-    payload = CallbackPayload(
-        to="+59170000001",
-        session_id="+59170000001",
-        reply="ok",
-        in_reply_to=["m0"],
-        conversation_id="conv_1",
-        metadata={},
-        model="tiny",
-        generated_at="2026-01-01T00:00:00+00:00",
-        latency_ms=5,
-    )
-    return OutboxEntry(
-        session_id="+59170000001",
-        idempotency_key=key,
-        url="http://127.0.0.1:9/x",
-        payload=payload,
-        created_at=1700000000,
-        next_attempt_at=1700000000,
-    )
-
-
 def test_the_outbox_outlives_the_longest_delivery_not_the_conversation(make_settings, redis_client):
     # Conversations expire after a minute; n8n may be retried for an hour. A reply still
     # being retried must not expire with the conversation: it is delivered or dead-lettered.
@@ -229,7 +208,7 @@ def test_the_outbox_outlives_the_longest_delivery_not_the_conversation(make_sett
         messages=messages,
         metadata={},
         now="2026-01-01T00:00:00+00:00",
-        outbox=_reply_entry("k1"),
+        outbox=outbox_entry("k1"),
     )
 
     assert 0 < redis_client.ttl(keys.messages) <= 60

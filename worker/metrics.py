@@ -47,21 +47,17 @@ CALLBACKS = Counter(
 )
 
 
-def broker_client(settings: Settings) -> redis.Redis | None:
-    """A client of the broker's Redis (BROKER_URL, else REDIS_URL); None for another kind."""
+def broker_client(settings: Settings, conversations: redis.Redis) -> redis.Redis | None:
+    """A client of the broker's Redis (BROKER_URL, else REDIS_URL, whose client is
+    `conversations`); None for a broker of another kind."""
     url = settings.effective_broker_url
     if url == settings.redis_url:
-        return connect(settings)
+        return conversations
     scheme = urlsplit(url).scheme
     if scheme not in ("redis", "rediss", "unix"):
         log.warning("worker_queue_depth not served: the broker (%s://) is not a Redis", scheme)
         return None
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=settings.redis_socket_timeout,
-    )
+    return connect(settings, url)
 
 
 class RedisGauges(Collector):
@@ -76,7 +72,7 @@ class RedisGauges(Collector):
     ) -> None:
         self._client = client
         self._settings = settings
-        self._broker = broker if broker is not None else broker_client(settings)
+        self._broker = broker if broker is not None else broker_client(settings, client)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         if self._broker is not None:

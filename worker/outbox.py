@@ -49,10 +49,6 @@ class Outbox:
         self._update = client.register_script(_UPDATE_IF_PRESENT)
         self._replace = client.register_script(_REPLACE_IF_UNCHANGED)
 
-    def raw_entries(self, keys: SessionKeys) -> dict[str, str]:
-        """Idempotency key → the entry exactly as stored (for `replace`)."""
-        return self._client.hgetall(keys.outbox)
-
     def get(self, keys: SessionKeys, idempotency_key: str) -> OutboxEntry | None:
         raw = self._client.hget(keys.outbox, idempotency_key)
         return OutboxEntry.model_validate_json(raw) if raw else None

@@ -117,7 +117,12 @@ def _requeue_once(
 
 
 def _expire(
-    client: redis.Redis, settings: Settings, entry: OutboxEntry, raw: str, now: float
+    outbox: Outbox,
+    dead_letters: DeadLetters,
+    settings: Settings,
+    entry: OutboxEntry,
+    raw: str,
+    now: float,
 ) -> bool:
     """Move a reply nothing will deliver any more to the dead letters (see worker.outbox)."""
     keys = session_keys(settings.key_prefix, entry.session_id)
@@ -128,9 +133,8 @@ def _expire(
     if entry.last_error:
         reason += f"; last error: {entry.last_error}"
     letter = entry.model_copy(update={"failed_at": now, "last_error": reason})
-    dead_letters = DeadLetters(client, settings.key_prefix)
     first = dead_letters.add(letter)
-    if Outbox(client).replace(keys, entry.idempotency_key, raw, None):
+    if outbox.replace(keys, entry.idempotency_key, raw, None):
         return True
     # Changed meanwhile: a delivery attempt is on it, or settled it. Its outcome stands.
     if first:
@@ -166,11 +170,10 @@ def sweep(
         ):
             schedule_delivery(entry.session_id, entry.idempotency_key, 0)
             scheduled += 1
-    expired = 0
+    dead_letters = DeadLetters(client, settings.key_prefix)
     for entry in report.expired:
         raw = report.raw[(entry.session_id, entry.idempotency_key)]
-        if _expire(client, settings, entry, raw, now):
-            expired += 1
+        if _expire(outbox, dead_letters, settings, entry, raw, now):
             log.error(
                 "recovery: reply %s older than %ds moved to the dead letters",
                 entry.idempotency_key,
