@@ -11,16 +11,16 @@ import logging
 from datetime import UTC, datetime
 from typing import Literal
 
+from celery import current_task
+
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
 
 
 def _task_id() -> str | None:
-    try:
-        from celery import current_task
-    except ImportError:  # pragma: no cover - celery is a dependency of both processes
+    # A proxy to the task this thread runs (false outside a task): looked up on every line.
+    if not current_task:
         return None
-    request = getattr(current_task, "request", None)
-    return getattr(request, "id", None) if current_task else None
+    return getattr(getattr(current_task, "request", None), "id", None)
 
 
 class JsonFormatter(logging.Formatter):

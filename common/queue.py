@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Any
 from uuid import uuid4
 
@@ -42,44 +43,72 @@ def send_reply_task(
     )
 
 
-def reply_task_message(app: Celery, session_id: str) -> str:
-    """The reply task exactly as Celery and kombu's Redis transport would LPUSH it.
+class ReplyTaskMessages:
+    """Builds the reply task exactly as Celery and kombu's Redis transport would LPUSH it.
 
     The webhook pushes it from its accept script, so storing a message and queueing its
     task are one atomic round trip, with no kombu publish in the request (that path was
     ~44% of the webhook's CPU, BENCHMARKS.md). Celery builds the task message (protocol
-    2: headers, properties, body); the envelope around it is the one kombu's virtual
+    2: headers, properties, body) once per process; each message then only gets its own
+    ids, masked session and body. The envelope around it is the one kombu's virtual
     transport writes for the anonymous exchange. `tests/test_queue.py` compares it with
     what `send_task` writes, and every end-to-end test has a real worker consume it.
     """
-    task_id = uuid()
-    task = app.amqp.as_task_v2(
-        task_id,
-        REPLY_TASK,
-        args=[session_id],
-        kwargs={},
-        argsrepr=mask_task_args([session_id]),
-        kwargsrepr="{}",
-        origin=anon_nodename(),
-        ignore_result=True,  # replies travel by callback (task_ignore_result)
-    )
-    content_type, content_encoding, body = dumps(task.body, serializer="json")
-    queue = app.conf.task_default_queue
-    envelope = {
-        "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
-        "content-encoding": content_encoding,
-        "content-type": content_type,
-        "headers": task.headers,
-        "properties": {
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+        self._built_in_pid: int | None = None  # `origin` names the process: rebuild after fork
+
+    def _template(self) -> None:
+        task = self._app.amqp.as_task_v2(
+            "",
+            REPLY_TASK,
+            args=[],
+            kwargs={},
+            kwargsrepr="{}",
+            origin=anon_nodename(),
+            ignore_result=True,  # replies travel by callback (task_ignore_result)
+        )
+        queue = self._app.conf.task_default_queue
+        self._headers = task.headers
+        self._properties = {
             **task.properties,
             "delivery_mode": 2,  # persistent, Celery's default for task queues
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid4()),
-        },
-    }
-    return json.dumps(envelope)
+        }
+        self._embed = task.body[2]
+        self._built_in_pid = os.getpid()
+
+    def build(self, session_id: str) -> str:
+        if self._built_in_pid != os.getpid():
+            self._template()
+        task_id = uuid()
+        args = [session_id]
+        content_type, content_encoding, body = dumps((args, {}, self._embed), serializer="json")
+        envelope = {
+            "body": base64.b64encode(body.encode() if isinstance(body, str) else body).decode(),
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": {
+                **self._headers,
+                "id": task_id,
+                "root_id": task_id,
+                "argsrepr": mask_task_args(args),
+            },
+            "properties": {
+                **self._properties,
+                "correlation_id": task_id,
+                "delivery_tag": str(uuid4()),
+            },
+        }
+        return json.dumps(envelope)
+
+
+def reply_task_message(app: Celery, session_id: str) -> str:
+    """One reply task message (`ReplyTaskMessages` builds many, cheaper)."""
+    return ReplyTaskMessages(app).build(session_id)
 
 
 def send_delivery_task(

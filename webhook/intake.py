@@ -14,11 +14,12 @@ from common.inbox import AcceptResult, QueuedTask
 from common.keys import SessionKeys, session_keys
 from common.messages import InboundMessage, PendingMessage
 from common.privacy import mask_phone
-from common.queue import reply_task_message, send_reply_task
+from common.queue import send_reply_task
 from webhook.auth import check_webhook_credentials
 from webhook.errors import UNAVAILABLE, error_response
 from webhook.metrics import MESSAGES, STATUSES
 from webhook.payloads import parse_body
+from webhook.request_log import note
 from webhook.services import PUBLISH_RETRY_POLICY, Services, services
 
 log = logging.getLogger(__name__)
@@ -87,21 +88,16 @@ def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
     keys = session_keys(svc.settings.key_prefix, message.session_id)
     task = None
     if svc.queue_in_accept:
-        task = QueuedTask(
-            svc.settings.task_queue, reply_task_message(svc.celery, message.session_id)
-        )
+        task = QueuedTask(svc.settings.task_queue, svc.reply_tasks.build(message.session_id))
     result = svc.inbox.accept(keys, message, task)
     MESSAGES.labels(result.status).inc()
     if result.status != "queued":
         return result
     if task is None:
         _publish_or_withdraw(svc, keys, message)
-    log.info(
-        "queued message_id=%s from=%s kind=%s pending=%d",
-        message.message_id,
-        mask_phone(message.sender),
-        message.kind,
-        result.pending,
+    note(
+        f"queued message_id={message.message_id} from={mask_phone(message.sender)}"
+        f" kind={message.kind} pending={result.pending}"
     )
     return result
 

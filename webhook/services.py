@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from common.callback_hosts import CallbackHostPolicy
 from common.conversation_store import ConversationStore
 from common.inbox import Inbox
-from common.queue import make_celery
+from common.queue import ReplyTaskMessages, make_celery
 from common.redis_client import connect
 from common.settings import Settings
 
@@ -33,20 +33,24 @@ class Services:
     store: ConversationStore
     celery: Celery
     callback_hosts: CallbackHostPolicy
-    # The broker is the conversations' Redis: queue the task inside the accept script.
+    # The broker is the conversations' Redis: queue the task inside the accept script,
+    # built by `reply_tasks`.
     queue_in_accept: bool
+    reply_tasks: ReplyTaskMessages
 
 
 def init_app(app: Flask, settings: Settings) -> None:
     client = connect(settings)
+    celery = make_celery(settings, main="webhook")
     app.extensions[_EXTENSION] = Services(
         settings=settings,
         redis=client,
         inbox=Inbox(client, settings),
         store=ConversationStore(client, settings),
-        celery=make_celery(settings, main="webhook"),
+        celery=celery,
         callback_hosts=CallbackHostPolicy(settings),
         queue_in_accept=settings.effective_broker_url == settings.redis_url,
+        reply_tasks=ReplyTaskMessages(celery),
     )
 
 
