@@ -505,3 +505,45 @@ def test_unusable_url_is_permanent(payload: CallbackPayload) -> None:
     error = post_expecting_error(CallbackClient(timeout=5), payload, url="http://")
 
     assert error.retryable is False
+
+
+class SettingsRecordingAdapter(HTTPAdapter):
+    """Records the proxies and TLS verification each request was sent with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[dict, object]] = []
+
+    def send(self, request, **kwargs):  # type: ignore[no-untyped-def, override]
+        self.sent.append((dict(kwargs.get("proxies") or {}), kwargs.get("verify")))
+        return super().send(request, **kwargs)
+
+
+def test_proxy_and_ca_bundle_variables_still_apply(
+    fake_http: responses.RequestsMock,
+    payload: CallbackPayload,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The client reads them once per process instead of on every request.
+    from worker import callback
+
+    bypassed = "https://n8n.internal.test/webhook/reply"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.test:3128")
+    monkeypatch.setenv("NO_PROXY", "n8n.internal.test")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    callback._proxies_for.cache_clear()
+    fake_http.post(URL, status=200)
+    fake_http.post(bypassed, status=200)
+    session = requests.Session()
+    adapter = SettingsRecordingAdapter()
+    session.mount("https://", adapter)
+
+    client = CallbackClient(timeout=5, session=session)
+    client.post(URL, payload, "through-the-proxy")
+    client.post(bypassed, payload, "direct")
+    callback._proxies_for.cache_clear()
+
+    (proxied, verify), (direct, _) = adapter.sent
+    assert proxied.get("https") == "http://proxy.example.test:3128"
+    assert "https" not in direct
+    assert verify == "/etc/ssl/certs/ca-certificates.crt"

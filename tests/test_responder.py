@@ -15,8 +15,10 @@ from common.keys import session_keys
 from common.messages import CallbackPayload, OutboxEntry, PendingMessage
 from worker.context import Turn
 from worker.responder import MAX_ROUNDS_PER_TASK, Responder, idempotency_key, trim_reply
+from worker.session_lock import LockRenewer
 
 SESSION = "+59170000009"
+RENEWER = LockRenewer()  # one per process, as in a worker
 
 
 class Recorder:
@@ -64,6 +66,7 @@ def build(settings, redis_client, generate=None):
         deliver=recorder.deliver,
         requeue=recorder.requeue,
         model_name="stand-in",
+        renewer=RENEWER,
     )
     return responder, inbox, recorder, session_keys(settings.key_prefix, SESSION)
 

@@ -1,22 +1,33 @@
-"""The per-conversation lock on a real Redis: exclusive, renewed while held, forgotten
-soon after a holder dies, and quiet when it was lost before release.
+"""The per-conversation lock on a real Redis: exclusive, renewed while held (by one thread
+for all of a process's locks), forgotten soon after a holder dies, and quiet when it was
+lost before release.
 
 Expiry tests use the smallest allowed lock timeout (2 s), so they take a few seconds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from common.keys import session_keys
 from common.settings import Settings
-from worker.session_lock import session_lock
+from worker.session_lock import LockRenewer, session_lock
 
 TTL = 2.0
+
+
+@pytest.fixture
+def renewer() -> Iterator[LockRenewer]:
+    renewer = LockRenewer()
+    yield renewer
+    renewer.close()
 
 
 @pytest.fixture
@@ -25,76 +36,81 @@ def name(settings: Settings) -> str:
     return session_keys(settings.key_prefix, "5511999990000").lock
 
 
-def started_since(before: set[threading.Thread]) -> list[threading.Thread]:
-    """Threads alive now that were not alive at `before` (the renewal thread)."""
-    return [t for t in threading.enumerate() if t not in before and t.is_alive()]
+def renewal_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "session-lock-renewal"]
 
 
 def test_a_second_holder_is_refused_while_the_first_holds(
-    redis_client: redis.Redis, name: str
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, 30) as first:
+    with session_lock(redis_client, name, 30, renewer) as first:
         assert first is True
         token = redis_client.get(name)
         assert token
 
-        with session_lock(redis_client, name, 30) as second:
+        with session_lock(redis_client, name, 30, renewer) as second:
             assert second is False
 
         # The refused one must not have released (or touched) the holder's lock.
         assert redis_client.get(name) == token
-        with session_lock(redis_client, name, 30) as third:
+        with session_lock(redis_client, name, 30, renewer) as third:
             assert third is False
 
     assert not redis_client.exists(name)
-    with session_lock(redis_client, name, 30) as again:
+    with session_lock(redis_client, name, 30, renewer) as again:
         assert again is True
 
 
 def test_locks_of_different_sessions_are_independent(
-    redis_client: redis.Redis, settings: Settings, name: str
+    redis_client: redis.Redis, settings: Settings, name: str, renewer: LockRenewer
 ) -> None:
     other = session_keys(settings.key_prefix, "5511888880000").lock
-    with session_lock(redis_client, name, 30) as a, session_lock(redis_client, other, 30) as b:
+    with (
+        session_lock(redis_client, name, 30, renewer) as a,
+        session_lock(redis_client, other, 30, renewer) as b,
+    ):
         assert (a, b) == (True, True)
     assert not redis_client.exists(name)
     assert not redis_client.exists(other)
 
 
-def test_the_lock_has_a_short_expiry(redis_client: redis.Redis, name: str) -> None:
-    with session_lock(redis_client, name, TTL) as held:
+def test_the_lock_has_a_short_expiry(
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
+) -> None:
+    with session_lock(redis_client, name, TTL, renewer) as held:
         assert held is True
         ttl_ms = redis_client.pttl(name)
         assert 0 < ttl_ms <= TTL * 1000
 
 
-def test_a_lock_held_longer_than_its_ttl_is_renewed(redis_client: redis.Redis, name: str) -> None:
-    before = set(threading.enumerate())
-    with session_lock(redis_client, name, TTL) as held:
+def test_a_lock_held_longer_than_its_ttl_is_renewed(
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
+) -> None:
+    with session_lock(redis_client, name, TTL, renewer) as held:
         assert held is True
         token = redis_client.get(name)
-        assert len(started_since(before)) == 1
+        assert renewer.holding == 1
         start = time.monotonic()
         while time.monotonic() - start < TTL * 1.5:
             assert redis_client.get(name) == token, "the lock expired while its holder lived"
             assert 0 < redis_client.pttl(name) <= TTL * 1000
             time.sleep(0.2)
         # Well past the first expiry: another worker is still refused.
-        with session_lock(redis_client, name, TTL) as second:
+        with session_lock(redis_client, name, TTL, renewer) as second:
             assert second is False
         assert redis_client.get(name) == token
 
     assert not redis_client.exists(name)
-    assert started_since(before) == []
+    assert renewer.holding == 0
 
 
 def test_a_dead_holders_lock_is_taken_over_after_its_ttl(
-    redis_client: redis.Redis, name: str
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
 ) -> None:
     # A worker killed mid-generation: its lock is there, nobody renews it.
     redis_client.set(name, "dead-worker-token", px=int(TTL * 1000))
 
-    with session_lock(redis_client, name, TTL) as early:
+    with session_lock(redis_client, name, TTL, renewer) as early:
         assert early is False
     assert redis_client.get(name) == "dead-worker-token"
 
@@ -102,30 +118,30 @@ def test_a_dead_holders_lock_is_taken_over_after_its_ttl(
     while redis_client.exists(name) and time.monotonic() < deadline:
         time.sleep(0.05)
 
-    with session_lock(redis_client, name, TTL) as later:
+    with session_lock(redis_client, name, TTL, renewer) as later:
         assert later is True
         assert redis_client.get(name) not in (None, "dead-worker-token")
     assert not redis_client.exists(name)
 
 
-def test_exit_after_the_lock_expired_does_not_raise(redis_client: redis.Redis, name: str) -> None:
-    before = set(threading.enumerate())
-    with session_lock(redis_client, name, 30) as held:
+def test_exit_after_the_lock_expired_does_not_raise(
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
+) -> None:
+    with session_lock(redis_client, name, 30, renewer) as held:
         assert held is True
         redis_client.delete(name)  # as if it had expired
 
     assert not redis_client.exists(name)
-    assert started_since(before) == []
+    assert renewer.holding == 0
 
 
 def test_a_stolen_lock_is_neither_renewed_nor_released_by_its_old_holder(
-    redis_client: redis.Redis, name: str
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
 ) -> None:
-    before = set(threading.enumerate())
-    with session_lock(redis_client, name, TTL) as held:
+    with session_lock(redis_client, name, TTL, renewer) as held:
         assert held is True
         redis_client.delete(name)
-        with session_lock(redis_client, name, 30) as thief:
+        with session_lock(redis_client, name, 30, renewer) as thief:
             assert thief is True
             thief_token = redis_client.get(name)
         # The thief released; now a plain key stands in for a new holder's lock.
@@ -137,28 +153,29 @@ def test_a_stolen_lock_is_neither_renewed_nor_released_by_its_old_holder(
     # The old holder's exit left the new holder's lock alone.
     assert thief_token and thief_token != "new-holder"
     assert redis_client.get(name) == "new-holder"
-    assert started_since(before) == []
+    assert renewer.holding == 0
 
 
-def test_an_error_inside_releases_the_lock(redis_client: redis.Redis, name: str) -> None:
-    before = set(threading.enumerate())
+def test_an_error_inside_releases_the_lock(
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
+) -> None:
     with (
         pytest.raises(RuntimeError, match="generation failed"),
-        session_lock(redis_client, name, 30) as held,
+        session_lock(redis_client, name, 30, renewer) as held,
     ):
         assert held is True
         raise RuntimeError("generation failed")
 
     assert not redis_client.exists(name)
-    assert started_since(before) == []
+    assert renewer.holding == 0
 
 
 def test_an_error_inside_a_refused_lock_propagates_and_keeps_the_holders_lock(
-    redis_client: redis.Redis, name: str
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
 ) -> None:
     redis_client.set(name, "holder", px=30_000)
 
-    with pytest.raises(ValueError), session_lock(redis_client, name, 30) as held:
+    with pytest.raises(ValueError), session_lock(redis_client, name, 30, renewer) as held:
         assert held is False
         raise ValueError("boom")
 
@@ -166,7 +183,7 @@ def test_an_error_inside_a_refused_lock_propagates_and_keeps_the_holders_lock(
 
 
 def test_only_one_of_many_concurrent_workers_gets_the_lock(
-    redis_client: redis.Redis, name: str
+    redis_client: redis.Redis, name: str, renewer: LockRenewer
 ) -> None:
     results: list[bool] = []
     all_tried = threading.Barrier(8)
@@ -174,7 +191,7 @@ def test_only_one_of_many_concurrent_workers_gets_the_lock(
 
     def worker() -> None:
         start.wait()
-        with session_lock(redis_client, name, 30) as held:
+        with session_lock(redis_client, name, 30, renewer) as held:
             results.append(held)
             all_tried.wait(timeout=5)  # hold until every worker has tried
 
@@ -186,3 +203,46 @@ def test_only_one_of_many_concurrent_workers_gets_the_lock(
 
     assert sorted(results) == [False] * 7 + [True]
     assert not redis_client.exists(name)
+
+
+def test_one_thread_renews_every_lock_the_process_holds(
+    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer
+) -> None:
+    names = [session_keys(settings.key_prefix, f"55119999900{n:02d}").lock for n in range(6)]
+    with contextlib.ExitStack() as stack:
+        held = [stack.enter_context(session_lock(redis_client, n, TTL, renewer)) for n in names]
+        assert held == [True] * 6
+        assert renewer.holding == 6
+        assert len(renewal_threads()) == 1
+        tokens = [redis_client.get(n) for n in names]
+        time.sleep(TTL * 1.5)  # past every lock's first expiry
+        assert [redis_client.get(n) for n in names] == tokens
+    assert renewer.holding == 0
+    assert not any(redis_client.exists(n) for n in names)
+
+
+def _hold_past_ttl_in_child(url: str, name: str, renewer: LockRenewer, out) -> None:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    with session_lock(client, name, TTL, renewer) as held:
+        token = client.get(name)
+        time.sleep(TTL * 1.5)
+        out.send((held, token is not None and client.get(name) == token))
+
+
+def test_a_forked_child_gets_its_own_renewal_thread(
+    redis_client: redis.Redis, settings: Settings, name: str, renewer: LockRenewer
+) -> None:
+    # The parent's thread is started first and does not survive the fork (prefork pool).
+    other = session_keys(settings.key_prefix, "5511777770000").lock
+    with session_lock(redis_client, other, 30, renewer):
+        pass
+    assert len(renewal_threads()) == 1
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(
+        target=_hold_past_ttl_in_child, args=(settings.redis_url, name, renewer, send)
+    )
+    child.start()
+    assert receive.poll(TTL * 3), "the child did not answer"
+    assert receive.recv() == (True, True), "the child's lock expired while it held it"
+    child.join(10)
+    assert child.exitcode == 0

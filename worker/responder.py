@@ -33,7 +33,7 @@ from common.privacy import mask_phone
 from common.settings import Settings
 from worker.context import Turn, merge_turns
 from worker.metrics import REPLIES
-from worker.session_lock import session_lock
+from worker.session_lock import LockRenewer, session_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +77,16 @@ class Responder:
     deliver: Deliver
     requeue: Requeue
     model_name: str
+    renewer: LockRenewer
 
     def answer(self, session_id: str) -> int:
         """Answer what is pending for a session; the number of replies made."""
         keys = session_keys(self.settings.key_prefix, session_id)
         replies = 0
         for _ in range(MAX_ROUNDS_PER_TASK):
-            with session_lock(self.client, keys.lock, self.settings.lock_timeout_seconds) as held:
+            with session_lock(
+                self.client, keys.lock, self.settings.lock_timeout_seconds, self.renewer
+            ) as held:
                 if not held:
                     return replies  # the holder will see our messages after it releases
                 wait = self._debounce_wait(keys)
