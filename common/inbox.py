@@ -18,14 +18,17 @@ from common.settings import Settings
 
 RATE_WINDOW_SECONDS = 60
 
-# KEYS: seen, rate, inbox, conversation, messages[, task queue]
+# KEYS: seen, rate, inbox, conversation, messages, lock[, task queue]
 # ARGV: message json, dedupe ttl, rate limit (0 = off), rate window, max pending, session ttl
 #       [, task message]
-# Every accepted message renews the conversation's TTL, as the seeds did. With a task
-# queue (the broker is this same Redis), the reply task is queued in the same step.
+# Returns {status, number, task needed}. Every accepted message renews the conversation's
+# TTL, as the seeds did. A message that arrives while a worker holds the session's lock
+# needs no task: the holder looks at the inbox after releasing it and answers it then
+# (its own task would find the lock taken and leave). Otherwise, with a task queue (the
+# broker is this same Redis), the reply task is queued in the same step.
 _ACCEPT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'duplicate', 0}
+  return {'duplicate', 0, 0}
 end
 local limit = tonumber(ARGV[3])
 if limit > 0 then
@@ -33,11 +36,11 @@ if limit > 0 then
   if used >= limit then
     local ttl = redis.call('TTL', KEYS[2])
     if ttl < 1 then ttl = tonumber(ARGV[4]) end
-    return {'rate_limited', ttl}
+    return {'rate_limited', ttl, 0}
   end
 end
 if redis.call('LLEN', KEYS[3]) >= tonumber(ARGV[5]) then
-  return {'inbox_full', 0}
+  return {'inbox_full', 0, 0}
 end
 if limit > 0 and redis.call('INCR', KEYS[2]) == 1 then
   redis.call('EXPIRE', KEYS[2], ARGV[4])
@@ -45,8 +48,11 @@ end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 local size = redis.call('RPUSH', KEYS[3], ARGV[1])
 for i = 3, 5 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-if KEYS[6] then redis.call('LPUSH', KEYS[6], ARGV[7]) end
-return {'queued', size}
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return {'queued', size, 0}
+end
+if KEYS[7] then redis.call('LPUSH', KEYS[7], ARGV[7]) end
+return {'queued', size, 1}
 """
 
 # KEYS: seen, rate, inbox   ARGV: message json
@@ -82,6 +88,8 @@ class AcceptResult:
     status: AcceptStatus
     pending: int = 0  # inbox size after a queued message
     retry_after: int = 0  # seconds, for rate_limited
+    # A queued message needs a reply task unless the session's lock holder will answer it.
+    needs_task: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,8 @@ class Inbox:
     def accept(
         self, keys: SessionKeys, message: PendingMessage, task: QueuedTask | None = None
     ) -> AcceptResult:
-        """Store the message once; with `task`, also queue it if (and only if) stored."""
+        """Store the message once; with `task`, also queue it if stored and no worker
+        holds the session (then that worker answers it: `needs_task` is False)."""
         s = self._settings
         script_keys = [
             keys.seen(message.message_id),
@@ -124,6 +133,7 @@ class Inbox:
             keys.inbox,
             keys.conversation,
             keys.messages,
+            keys.lock,
         ]
         args: list[str | int] = [
             message.model_dump_json(),
@@ -136,9 +146,9 @@ class Inbox:
         if task is not None:
             script_keys.append(task.queue)
             args.append(task.message)
-        status, number = self._accept(keys=script_keys, args=args)
+        status, number, needs_task = self._accept(keys=script_keys, args=args)
         if status == "queued":
-            return AcceptResult("queued", pending=int(number))
+            return AcceptResult("queued", pending=int(number), needs_task=bool(needs_task))
         if status == "rate_limited":
             return AcceptResult("rate_limited", retry_after=int(number))
         return AcceptResult(status)

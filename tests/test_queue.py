@@ -75,3 +75,22 @@ def test_accept_without_a_task_queues_nothing(settings, redis_client):
     keys = session_keys(settings.key_prefix, SESSION)
     assert Inbox(redis_client, settings).accept(keys, message(1)).status == "queued"
     assert redis_client.llen(settings.task_queue) == 0
+
+
+def test_a_message_for_a_held_session_is_stored_but_gets_no_task(settings, redis_client):
+    # The holder looks at the inbox after releasing the lock; a task would only find the
+    # lock taken and leave.
+    keys = session_keys(settings.key_prefix, SESSION)
+    inbox = Inbox(redis_client, settings)
+    task = QueuedTask(settings.task_queue, '{"task": 1}')
+    redis_client.set(keys.lock, "holder-token", px=30_000)
+
+    held = inbox.accept(keys, message(1), task)
+    assert (held.status, held.pending, held.needs_task) == ("queued", 1, False)
+    assert redis_client.llen(settings.task_queue) == 0
+    assert redis_client.llen(keys.inbox) == 1
+
+    redis_client.delete(keys.lock)
+    free = inbox.accept(keys, message(2), task)
+    assert (free.status, free.pending, free.needs_task) == ("queued", 2, True)
+    assert redis_client.lrange(settings.task_queue, 0, -1) == ['{"task": 1}']

@@ -117,12 +117,41 @@ def test_context_includes_earlier_turns(setup):
 def test_message_arriving_during_generation_is_answered_next_by_the_holder(setup):
     responder, inbox, recorder, keys = setup
     inbox.accept(keys, message(0))
-    arrivals = iter([lambda: inbox.accept(keys, message(1)), lambda: None])
+    accepted = []
+    arrivals = iter([lambda: accepted.append(inbox.accept(keys, message(1))), lambda: None])
     recorder.during_generation = lambda: next(arrivals)()
 
     assert responder.answer(SESSION) == 2
 
     assert [p.in_reply_to for p, _, _ in recorder.delivered] == [["m0"], ["m1"]]
+    assert [a.needs_task for a in accepted] == [False]  # so only the holder could answer it
+
+
+class ArrivalAfterEmptyClaim(Inbox):
+    """An inbox where one message arrives just after a claim that found nothing."""
+
+    def __init__(self, inbox: Inbox, keys, late: PendingMessage) -> None:
+        self.__dict__.update(inbox.__dict__)
+        self._keys, self._late = keys, late
+
+    def claim(self, keys):  # type: ignore[no-untyped-def]
+        batch = super().claim(keys)
+        if not batch and self._late is not None:
+            assert not self.accept(self._keys, self._late).needs_task  # the lock is held
+            self._late = None
+        return batch
+
+
+def test_a_holder_that_claimed_nothing_still_looks_again(setup):
+    # A task whose message an earlier holder already answered: while it holds the lock, a
+    # new message gets no task, so this holder must answer it before leaving.
+    responder, inbox, recorder, keys = setup
+    responder.inbox = ArrivalAfterEmptyClaim(inbox, keys, message(7))
+
+    assert responder.answer(SESSION) == 1
+
+    assert [p.in_reply_to for p, _, _ in recorder.delivered] == [["m7"]]
+    assert not inbox.has_pending(keys)
 
 
 def test_session_locked_by_another_worker_is_left_alone(setup, redis_client):

@@ -407,3 +407,23 @@ def test_unreachable_separate_broker_is_503_and_the_message_is_not_kept(settings
     keys = session_keys(settings.key_prefix, GOOD["from"])
     assert stored_keys(redis_client, settings) == [keys.rate]
     assert redis_client.get(keys.rate) == "0"
+
+
+@pytest.mark.parametrize("separate_broker", [False, True])
+def test_no_task_is_sent_while_a_worker_holds_the_session(settings, redis_client, separate_broker):
+    from webhook import create_app
+
+    broker_url = settings.redis_url.rsplit("/", 1)[0] + "/13"
+    used = settings.model_copy(update={"broker_url": broker_url}) if separate_broker else settings
+    broker = redis.Redis.from_url(used.effective_broker_url, decode_responses=True)
+    lock = session_keys(settings.key_prefix, GOOD["from"]).lock
+    redis_client.set(lock, "holder-token", px=30_000)
+    try:
+        response = post(create_app(used).test_client(), GOOD)
+
+        assert response.status_code == 202
+        assert response.get_json()["pending"] == 1
+        assert broker.llen(settings.task_queue) == 0  # the holder answers it
+    finally:
+        broker.delete(settings.task_queue)
+        broker.close()

@@ -83,7 +83,8 @@ def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
 
     With the broker on the same Redis, one script stores and queues (one round trip).
     With another broker, the task is published after the store, and the store is undone
-    if publishing fails.
+    if publishing fails. Either way no task is sent while a worker holds the session: it
+    answers the message after releasing the lock.
     """
     keys = session_keys(svc.settings.key_prefix, message.session_id)
     task = None
@@ -93,7 +94,7 @@ def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
     MESSAGES.labels(result.status).inc()
     if result.status != "queued":
         return result
-    if task is None:
+    if task is None and result.needs_task:
         _publish_or_withdraw(svc, keys, message)
     note(
         f"queued message_id={message.message_id} from={mask_phone(message.sender)}"

@@ -5,7 +5,8 @@ test. The guarantees of DESIGN.md live here:
 - one generation at a time per session (a Redis lock with a token and an expiry);
 - everything pending is answered together as one user turn (the claim takes it all);
 - after releasing the lock the inbox is checked once more, so a message that arrived
-  during generation, whose own task found the lock taken and left, is never stranded.
+  while the lock was held is never stranded: the webhook queues no task for it, and a
+  task queued just before the lock was taken finds it taken and leaves.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class Responder:
                 if batch:
                     self._answer_batch(session_id, keys, batch)
                     replies += 1
-            if not batch or not self.inbox.has_pending(keys):
+            # Messages accepted while we held the lock got no task of their own (the
+            # webhook leaves them to the holder), so look again whatever this round found.
+            if not self.inbox.has_pending(keys):
                 return replies
         self.requeue(session_id, 0)
         return replies
