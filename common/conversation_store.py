@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from pydantic import TypeAdapter
 
 from common.inbox import Batch
 from common.keys import SessionKeys
@@ -76,6 +78,20 @@ return 1
 """
 
 
+_MESSAGES = TypeAdapter(list[StoredMessage])
+
+
+def _parse_messages(raw_messages: list[str]) -> list[StoredMessage]:
+    # One validation call for the whole list: faster than one per message.
+    return _MESSAGES.validate_json("[" + ",".join(raw_messages) + "]")
+
+
+@dataclass(frozen=True)
+class StoredConversation:
+    turns: list[StoredMessage]
+    conversation_id: str | None  # None until the first reply is committed
+
+
 class ConversationStore:
     """Reads and writes conversation histories."""
 
@@ -85,9 +101,16 @@ class ConversationStore:
         self._commit = client.register_script(_COMMIT)
 
     def turns(self, keys: SessionKeys) -> list[StoredMessage]:
-        """The stored history, oldest first: what the worker rebuilds the context from."""
-        raw_messages = self._client.lrange(keys.messages, 0, -1)
-        return [StoredMessage.model_validate_json(raw) for raw in raw_messages]
+        """The stored history, oldest first."""
+        return _parse_messages(self._client.lrange(keys.messages, 0, -1))
+
+    def load(self, keys: SessionKeys) -> StoredConversation:
+        """History and conversation id in one round trip: what a reply is built from."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.lrange(keys.messages, 0, -1)
+        pipe.hget(keys.conversation, "conversation_id")
+        raw_messages, conversation_id = pipe.execute()
+        return StoredConversation(_parse_messages(raw_messages), conversation_id)
 
     def conversation_id(self, keys: SessionKeys, user_id: str, created_epoch: int) -> str:
         """The existing conversation's id, or the one `commit` will give a new one."""

@@ -224,3 +224,24 @@ def test_the_outbox_outlives_the_longest_delivery_not_the_conversation(make_sett
     from common.conversation_store import outbox_ttl_seconds
 
     assert 0 <= outbox_ttl_seconds(settings) - ttl <= 2
+
+
+def test_load_reads_history_and_conversation_id_together(parts):
+    keys, inbox, store = parts
+    empty = store.load(keys)
+    assert (empty.turns, empty.conversation_id) == ([], None)  # before the first reply
+
+    inbox.accept(keys, pending(0))
+    assert answer(store, keys, inbox.claim(keys), reply="first")
+    inbox.accept(keys, pending(1))
+    assert answer(store, keys, inbox.claim(keys), reply="second")
+
+    loaded = store.load(keys)
+    assert [(m.role, m.content) for m in loaded.turns] == [
+        ("user", "text 0"),
+        ("assistant", "first"),
+        ("user", "text 1"),
+        ("assistant", "second"),
+    ]
+    assert loaded.turns == store.turns(keys)
+    assert loaded.conversation_id == "conv_+59170000001_1700000000"

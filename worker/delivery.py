@@ -87,7 +87,8 @@ class Delivery:
             return False
         self.outbox.remove(keys, entry.idempotency_key)
         CALLBACKS.labels("delivered").inc()
-        log.info("callback %s delivered on attempt %d", entry.idempotency_key, entry.attempts)
+        if entry.attempts > 1:  # a first attempt is on the responder's "replied" line
+            log.info("callback %s delivered on attempt %d", entry.idempotency_key, entry.attempts)
         return True
 
     def attempt_pending(self, session_id: str, idempotency_key: str) -> bool:

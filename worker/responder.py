@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from common.conversation_store import ConversationStore
+from common.conversation_store import ConversationStore, StoredConversation
 from common.inbox import Batch, Inbox
 from common.keys import SessionKeys, session_keys
 from common.messages import (
@@ -131,9 +131,9 @@ class Responder:
         return max(0.0, min(quiet_left, cap_left))
 
     def _reply_text(
-        self, keys: SessionKeys, batch: Batch
-    ) -> tuple[str, list[PendingMessage], bool]:
-        """The reply for a batch, the messages to store, and whether to start afresh.
+        self, history: StoredConversation | None, batch: Batch
+    ) -> tuple[str, list[PendingMessage]]:
+        """The reply for a batch and the messages to store (`history` None: start afresh).
 
         A reset command forgets everything before it (in history and in the batch); what
         follows it in the batch starts the new conversation. Messages we cannot read
@@ -145,9 +145,9 @@ class Responder:
         after_reset = messages[resets[-1] + 1 :] if resets else messages
         texts = [m for m in after_reset if m.kind == "text"]
         if texts:
-            history = [] if resets else self.store.turns(keys)
+            earlier = history.turns if history is not None else []
             turns = merge_turns(
-                [(m.role, m.content) for m in history] + [("user", m.text) for m in texts]
+                [(m.role, m.content) for m in earlier] + [("user", m.text) for m in texts]
             )
             text = self.generate(turns)
         elif resets and not after_reset:
@@ -156,20 +156,18 @@ class Responder:
         else:
             text = s.non_text_reply
             REPLIES.labels("fixed").inc()
-        return trim_reply(text, s.max_reply_chars), after_reset, bool(resets)
+        return trim_reply(text, s.max_reply_chars), after_reset
 
     def _answer_batch(self, session_id: str, keys: SessionKeys, batch: Batch) -> None:
-        reply_text, kept, fresh = self._reply_text(keys, batch)
+        fresh = any(m.kind == "reset" for m in batch.messages)
+        history = None if fresh else self.store.load(keys)
+        reply_text, kept = self._reply_text(history, batch)
         now = utc_now_iso()
         ids = [m.message_id for m in batch.messages]
         key = idempotency_key(session_id, ids)
         last = batch.messages[-1]
         started = int(batch.messages[0].received_at)
-        conversation_id = (
-            f"conv_{last.sender}_{started}"
-            if fresh
-            else self.store.conversation_id(keys, last.sender, started)
-        )
+        conversation_id = (history and history.conversation_id) or f"conv_{last.sender}_{started}"
         stored = [
             StoredMessage(
                 message_id=m.message_id,
@@ -227,11 +225,16 @@ class Responder:
         if not committed:
             log.warning("claim of session was taken over; reply dropped, not doubled")
             return
+        if entry is None:
+            callback = "none"
+        else:
+            # A failed first attempt logs its own line (retry scheduled, or dead letter).
+            callback = "delivered" if self.deliver(entry) else "not delivered"
         log.info(
-            "replied to=%s messages=%d latency_ms=%d",
+            "replied to=%s messages=%d latency_ms=%d callback %s %s",
             mask_phone(last.sender),
             len(batch.messages),
             payload.latency_ms,
+            key,
+            callback,
         )
-        if entry is not None:
-            self.deliver(entry)
