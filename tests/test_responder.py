@@ -15,7 +15,7 @@ from common.keys import session_keys
 from common.messages import CallbackPayload, OutboxEntry, PendingMessage
 from worker.context import Turn
 from worker.responder import MAX_ROUNDS_PER_TASK, Responder, idempotency_key, trim_reply
-from worker.session_lock import LockRenewer
+from worker.session_lock import LockRenewer, SessionLocks
 
 SESSION = "+59170000009"
 RENEWER = LockRenewer()  # one per process, as in a worker
@@ -66,7 +66,7 @@ def build(settings, redis_client, generate=None):
         deliver=recorder.deliver,
         requeue=recorder.requeue,
         model_name="stand-in",
-        renewer=RENEWER,
+        locks=SessionLocks(redis_client, settings.lock_timeout_seconds, RENEWER),
     )
     return responder, inbox, recorder, session_keys(settings.key_prefix, SESSION)
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from common.keys import session_keys
+from common.keys import SessionKeys, session_keys
 from common.settings import Settings
-from worker.session_lock import LockRenewer, session_lock
+from worker.session_lock import LockRenewer, SessionLocks
 
 TTL = 2.0
 
@@ -31,9 +31,14 @@ def renewer() -> Iterator[LockRenewer]:
 
 
 @pytest.fixture
-def name(settings: Settings) -> str:
+def keys(settings: Settings) -> SessionKeys:
     # Under the test's prefix, so the redis_client fixture cleans it up.
-    return session_keys(settings.key_prefix, "5511999990000").lock
+    return session_keys(settings.key_prefix, "5511999990000")
+
+
+@pytest.fixture
+def name(keys: SessionKeys) -> str:
+    return keys.lock
 
 
 def renewal_threads() -> list[threading.Thread]:
@@ -41,53 +46,57 @@ def renewal_threads() -> list[threading.Thread]:
 
 
 def test_a_second_holder_is_refused_while_the_first_holds(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, 30, renewer) as first:
-        assert first is True
+    with SessionLocks(redis_client, 30, renewer).hold(keys) as first:
+        assert first.acquired
         token = redis_client.get(name)
         assert token
 
-        with session_lock(redis_client, name, 30, renewer) as second:
-            assert second is False
+        with SessionLocks(redis_client, 30, renewer).hold(keys) as second:
+            assert not second.acquired
 
         # The refused one must not have released (or touched) the holder's lock.
         assert redis_client.get(name) == token
-        with session_lock(redis_client, name, 30, renewer) as third:
-            assert third is False
+        with SessionLocks(redis_client, 30, renewer).hold(keys) as third:
+            assert not third.acquired
 
     assert not redis_client.exists(name)
-    with session_lock(redis_client, name, 30, renewer) as again:
-        assert again is True
+    with SessionLocks(redis_client, 30, renewer).hold(keys) as again:
+        assert again.acquired
 
 
 def test_locks_of_different_sessions_are_independent(
-    redis_client: redis.Redis, settings: Settings, name: str, renewer: LockRenewer
+    redis_client: redis.Redis,
+    settings: Settings,
+    keys: SessionKeys,
+    name: str,
+    renewer: LockRenewer,
 ) -> None:
-    other = session_keys(settings.key_prefix, "5511888880000").lock
+    other = session_keys(settings.key_prefix, "5511888880000")
     with (
-        session_lock(redis_client, name, 30, renewer) as a,
-        session_lock(redis_client, other, 30, renewer) as b,
+        SessionLocks(redis_client, 30, renewer).hold(keys) as a,
+        SessionLocks(redis_client, 30, renewer).hold(other) as b,
     ):
-        assert (a, b) == (True, True)
+        assert (a.acquired, b.acquired) == (True, True)
     assert not redis_client.exists(name)
-    assert not redis_client.exists(other)
+    assert not redis_client.exists(other.lock)
 
 
 def test_the_lock_has_a_short_expiry(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, TTL, renewer) as held:
-        assert held is True
+    with SessionLocks(redis_client, TTL, renewer).hold(keys) as held:
+        assert held.acquired
         ttl_ms = redis_client.pttl(name)
         assert 0 < ttl_ms <= TTL * 1000
 
 
 def test_a_lock_held_longer_than_its_ttl_is_renewed(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, TTL, renewer) as held:
-        assert held is True
+    with SessionLocks(redis_client, TTL, renewer).hold(keys) as held:
+        assert held.acquired
         token = redis_client.get(name)
         assert renewer.holding == 1
         start = time.monotonic()
@@ -96,8 +105,8 @@ def test_a_lock_held_longer_than_its_ttl_is_renewed(
             assert 0 < redis_client.pttl(name) <= TTL * 1000
             time.sleep(0.2)
         # Well past the first expiry: another worker is still refused.
-        with session_lock(redis_client, name, TTL, renewer) as second:
-            assert second is False
+        with SessionLocks(redis_client, TTL, renewer).hold(keys) as second:
+            assert not second.acquired
         assert redis_client.get(name) == token
 
     assert not redis_client.exists(name)
@@ -105,30 +114,30 @@ def test_a_lock_held_longer_than_its_ttl_is_renewed(
 
 
 def test_a_dead_holders_lock_is_taken_over_after_its_ttl(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
     # A worker killed mid-generation: its lock is there, nobody renews it.
     redis_client.set(name, "dead-worker-token", px=int(TTL * 1000))
 
-    with session_lock(redis_client, name, TTL, renewer) as early:
-        assert early is False
+    with SessionLocks(redis_client, TTL, renewer).hold(keys) as early:
+        assert not early.acquired
     assert redis_client.get(name) == "dead-worker-token"
 
     deadline = time.monotonic() + TTL + 1
     while redis_client.exists(name) and time.monotonic() < deadline:
         time.sleep(0.05)
 
-    with session_lock(redis_client, name, TTL, renewer) as later:
-        assert later is True
+    with SessionLocks(redis_client, TTL, renewer).hold(keys) as later:
+        assert later.acquired
         assert redis_client.get(name) not in (None, "dead-worker-token")
     assert not redis_client.exists(name)
 
 
 def test_exit_after_the_lock_expired_does_not_raise(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, 30, renewer) as held:
-        assert held is True
+    with SessionLocks(redis_client, 30, renewer).hold(keys) as held:
+        assert held.acquired
         redis_client.delete(name)  # as if it had expired
 
     assert not redis_client.exists(name)
@@ -136,13 +145,13 @@ def test_exit_after_the_lock_expired_does_not_raise(
 
 
 def test_a_stolen_lock_is_neither_renewed_nor_released_by_its_old_holder(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
-    with session_lock(redis_client, name, TTL, renewer) as held:
-        assert held is True
+    with SessionLocks(redis_client, TTL, renewer).hold(keys) as held:
+        assert held.acquired
         redis_client.delete(name)
-        with session_lock(redis_client, name, 30, renewer) as thief:
-            assert thief is True
+        with SessionLocks(redis_client, 30, renewer).hold(keys) as thief:
+            assert thief.acquired
             thief_token = redis_client.get(name)
         # The thief released; now a plain key stands in for a new holder's lock.
         redis_client.set(name, "new-holder", px=30_000)
@@ -157,13 +166,13 @@ def test_a_stolen_lock_is_neither_renewed_nor_released_by_its_old_holder(
 
 
 def test_an_error_inside_releases_the_lock(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
     with (
         pytest.raises(RuntimeError, match="generation failed"),
-        session_lock(redis_client, name, 30, renewer) as held,
+        SessionLocks(redis_client, 30, renewer).hold(keys) as held,
     ):
-        assert held is True
+        assert held.acquired
         raise RuntimeError("generation failed")
 
     assert not redis_client.exists(name)
@@ -171,19 +180,19 @@ def test_an_error_inside_releases_the_lock(
 
 
 def test_an_error_inside_a_refused_lock_propagates_and_keeps_the_holders_lock(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
     redis_client.set(name, "holder", px=30_000)
 
-    with pytest.raises(ValueError), session_lock(redis_client, name, 30, renewer) as held:
-        assert held is False
+    with pytest.raises(ValueError), SessionLocks(redis_client, 30, renewer).hold(keys) as held:
+        assert not held.acquired
         raise ValueError("boom")
 
     assert redis_client.get(name) == "holder"
 
 
 def test_only_one_of_many_concurrent_workers_gets_the_lock(
-    redis_client: redis.Redis, name: str, renewer: LockRenewer
+    redis_client: redis.Redis, keys: SessionKeys, name: str, renewer: LockRenewer
 ) -> None:
     results: list[bool] = []
     all_tried = threading.Barrier(8)
@@ -191,8 +200,8 @@ def test_only_one_of_many_concurrent_workers_gets_the_lock(
 
     def worker() -> None:
         start.wait()
-        with session_lock(redis_client, name, 30, renewer) as held:
-            results.append(held)
+        with SessionLocks(redis_client, 30, renewer).hold(keys) as held:
+            results.append(held.acquired)
             all_tried.wait(timeout=5)  # hold until every worker has tried
 
     threads = [threading.Thread(target=worker) for _ in range(8)]
@@ -206,13 +215,15 @@ def test_only_one_of_many_concurrent_workers_gets_the_lock(
 
 
 def test_one_thread_renews_every_lock_the_process_holds(
-    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer
+    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer, keys: SessionKeys
 ) -> None:
-    names = [session_keys(settings.key_prefix, f"55119999900{n:02d}").lock for n in range(6)]
+    sessions = [session_keys(settings.key_prefix, f"55119999900{n:02d}") for n in range(6)]
+    names = [k.lock for k in sessions]
+    locks = SessionLocks(redis_client, TTL, renewer)
     before = set(renewal_threads())  # other tests' renewers may still run
     with contextlib.ExitStack() as stack:
-        held = [stack.enter_context(session_lock(redis_client, n, TTL, renewer)) for n in names]
-        assert held == [True] * 6
+        held = [stack.enter_context(locks.hold(k)) for k in sessions]
+        assert [h.acquired for h in held] == [True] * 6
         assert renewer.holding == 6
         assert len(set(renewal_threads()) - before) == 1
         tokens = [redis_client.get(n) for n in names]
@@ -222,30 +233,57 @@ def test_one_thread_renews_every_lock_the_process_holds(
     assert not any(redis_client.exists(n) for n in names)
 
 
-def _hold_past_ttl_in_child(url: str, name: str, renewer: LockRenewer, out) -> None:
+def _hold_past_ttl_in_child(url: str, keys: SessionKeys, renewer: LockRenewer, out) -> None:
     client = redis.Redis.from_url(url, decode_responses=True)
-    with session_lock(client, name, TTL, renewer) as held:
-        token = client.get(name)
+    with SessionLocks(client, TTL, renewer).hold(keys) as held:
+        token = client.get(keys.lock)
         time.sleep(TTL * 1.5)
-        out.send((held, token is not None and client.get(name) == token))
+        out.send((held.acquired, token is not None and client.get(keys.lock) == token))
 
 
 def test_a_forked_child_gets_its_own_renewal_thread(
-    redis_client: redis.Redis, settings: Settings, name: str, renewer: LockRenewer
+    redis_client: redis.Redis,
+    settings: Settings,
+    keys: SessionKeys,
+    name: str,
+    renewer: LockRenewer,
 ) -> None:
     # The parent's thread is started first and does not survive the fork (prefork pool).
-    other = session_keys(settings.key_prefix, "5511777770000").lock
+    other = session_keys(settings.key_prefix, "5511777770000")
     before = set(renewal_threads())
-    with session_lock(redis_client, other, 30, renewer):
+    with SessionLocks(redis_client, 30, renewer).hold(other):
         pass
     assert renewer.holding == 0
     assert len(set(renewal_threads()) - before) == 1  # the parent's thread, kept running
     receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
     child = multiprocessing.get_context("fork").Process(
-        target=_hold_past_ttl_in_child, args=(settings.redis_url, name, renewer, send)
+        target=_hold_past_ttl_in_child, args=(settings.redis_url, keys, renewer, send)
     )
     child.start()
     assert receive.poll(TTL * 3), "the child did not answer"
     assert receive.recv() == (True, True), "the child's lock expired while it held it"
     child.join(10)
     assert child.exitcode == 0
+
+
+def test_release_counts_what_waits_for_the_session_in_the_same_step(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    # What arrived while the lock was held has no task of its own: the holder sees it here.
+    with SessionLocks(redis_client, 30, renewer).hold(keys) as held:
+        assert held.acquired and held.waiting is None
+        redis_client.rpush(keys.inbox, "new-1", "new-2")
+        redis_client.rpush(keys.processing, "claimed")
+    assert held.waiting == 3
+    assert not redis_client.exists(keys.lock)
+
+
+def test_a_refused_hold_counts_nothing(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    redis_client.set(keys.lock, "holder", px=30_000)
+    redis_client.rpush(keys.inbox, "waiting")
+    with SessionLocks(redis_client, 30, renewer).hold(keys) as held:
+        pass
+    assert (held.acquired, held.waiting) == (False, None)
+    assert redis_client.get(keys.lock) == "holder"

@@ -34,7 +34,7 @@ from common.privacy import mask_phone
 from common.settings import Settings
 from worker.context import Turn, merge_turns
 from worker.metrics import REPLIES
-from worker.session_lock import LockRenewer, session_lock
+from worker.session_lock import SessionLocks
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,15 @@ class Responder:
     deliver: Deliver
     requeue: Requeue
     model_name: str
-    renewer: LockRenewer
+    locks: SessionLocks
 
     def answer(self, session_id: str) -> int:
         """Answer what is pending for a session; the number of replies made."""
         keys = session_keys(self.settings.key_prefix, session_id)
         replies = 0
         for _ in range(MAX_ROUNDS_PER_TASK):
-            with session_lock(
-                self.client, keys.lock, self.settings.lock_timeout_seconds, self.renewer
-            ) as held:
-                if not held:
+            with self.locks.hold(keys) as hold:
+                if not hold.acquired:
                     return replies  # the holder will see our messages after it releases
                 wait = self._debounce_wait(keys)
                 if wait > 0:
@@ -99,8 +97,10 @@ class Responder:
                     self._answer_batch(session_id, keys, batch)
                     replies += 1
             # Messages accepted while we held the lock got no task of their own (the
-            # webhook leaves them to the holder), so look again whatever this round found.
-            if not self.inbox.has_pending(keys):
+            # webhook leaves them to the holder), so look again whatever this round found:
+            # the release counted them in the same step.
+            waiting = hold.waiting if hold.waiting is not None else self.inbox.has_pending(keys)
+            if not waiting:
                 return replies
         self.requeue(session_id, 0)
         return replies

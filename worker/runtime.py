@@ -22,7 +22,7 @@ from worker.delivery import Delivery
 from worker.metrics import GENERATED_TOKENS, GENERATION_SECONDS, REPLIES
 from worker.outbox import DeadLetters, Outbox
 from worker.responder import Responder
-from worker.session_lock import LockRenewer
+from worker.session_lock import LockRenewer, SessionLocks
 
 
 def _generate(turns: Sequence[Turn]) -> str:
@@ -78,5 +78,5 @@ def responder() -> Responder:
         deliver=delivery().attempt,
         requeue=requeue_session,
         model_name=settings.model_name,
-        renewer=LockRenewer(),
+        locks=SessionLocks(client, settings.lock_timeout_seconds, LockRenewer()),
     )

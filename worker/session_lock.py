@@ -13,22 +13,27 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
-from redis.exceptions import LockError
-from redis.lock import Lock
+
+from common.keys import SessionKeys
 
 log = logging.getLogger(__name__)
 
 
+# Renews one lock: True while it is still ours; False once it was lost (stop renewing).
+Renew = Callable[[], bool]
+
+
 @dataclass
 class _Held:
-    lock: Lock
+    renew: Renew
     interval: float
     due: float
 
@@ -60,8 +65,8 @@ class LockRenewer:
         with self._changed:
             return len(self._held)
 
-    def hold(self, lock: Lock, ttl: float) -> int:
-        """Renew `lock` from now on; the returned handle is what `drop` takes."""
+    def hold(self, renew: Renew, ttl: float) -> int:
+        """Call `renew` every ttl/3 from now on; the returned handle is what `drop` takes."""
         with self._changed:
             if self._thread is None:  # first use in this process, or after close()
                 self._closed = False
@@ -70,7 +75,7 @@ class LockRenewer:
                 )
                 self._thread.start()
             handle = next(self._ids)
-            self._held[handle] = _Held(lock, ttl / 3, time.monotonic() + ttl / 3)
+            self._held[handle] = _Held(renew, ttl / 3, time.monotonic() + ttl / 3)
             self._changed.notify()
             return handle
 
@@ -95,42 +100,85 @@ class LockRenewer:
                 for handle, held in list(self._held.items()):
                     if held.due <= now:
                         held.due = now + held.interval
-                        if not self._renew(held.lock):
+                        if not self._renew(held.renew):
                             del self._held[handle]
                 next_due = min((held.due for held in self._held.values()), default=None)
                 self._changed.wait(None if next_due is None else max(0.0, next_due - now))
 
     @staticmethod
-    def _renew(lock: Lock) -> bool:
+    def _renew(renew: Renew) -> bool:
         """Reset the lock's TTL; False once it is no longer ours (then stop renewing it)."""
         try:
-            lock.reacquire()
-        except LockError:
+            if renew():
+                return True
             log.warning("session lock was lost before renewal")
             return False
         except redis.RedisError as exc:
             log.warning("session lock renewal failed: %s", exc)
-        return True
+            return True
 
 
-@contextlib.contextmanager
-def session_lock(
-    client: redis.Redis, name: str, ttl: float, renewer: LockRenewer
-) -> Iterator[bool]:
-    """Yield True while holding the lock (renewed by `renewer`), False if another holds it."""
-    # thread_local=False: the renewal thread must see the token the holder acquired with.
-    lock = client.lock(name, timeout=ttl, blocking=False, thread_local=False)
-    if not lock.acquire():
-        yield False
-        return
-    handle = renewer.hold(lock, ttl)
-    try:
-        yield True
-    finally:
-        renewer.drop(handle)
+# KEYS: lock   ARGV: token, ttl in ms. 1 if the lock is still ours (and now has a fresh TTL).
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: lock, inbox, processing   ARGV: token. Deletes the lock if it is still ours, and in
+# the same step counts what waits: a message accepted while the lock was held got no task
+# (the webhook leaves it to the holder), so the holder must see it, and nothing can slip in
+# between the release and the count.
+_RELEASE = """
+local ours = redis.call('GET', KEYS[1]) == ARGV[1]
+if ours then redis.call('DEL', KEYS[1]) end
+return {ours and 1 or 0, redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])}
+"""
+
+
+@dataclass
+class Hold:
+    """One try at a session's lock: whether it was taken and, after release, what waits."""
+
+    acquired: bool = False
+    # Messages in the inbox and processing list when the lock was released; None if the
+    # lock was never held or the release could not reach Redis.
+    waiting: int | None = None
+
+
+class SessionLocks:
+    """The per-session locks of one process: a token and a short TTL, renewed by `renewer`."""
+
+    def __init__(self, client: redis.Redis, ttl: float, renewer: LockRenewer) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._renewer = renewer
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    @contextlib.contextmanager
+    def hold(self, keys: SessionKeys) -> Iterator[Hold]:
+        """Hold the session's lock for the block if no one else does (`Hold.acquired`)."""
+        hold = Hold()
+        token = secrets.token_hex(16)
+        ttl_ms = int(self._ttl * 1000)
+        if not self._client.set(keys.lock, token, nx=True, px=ttl_ms):
+            yield hold
+            return
+        hold.acquired = True
+        handle = self._renewer.hold(
+            lambda: self._renew(keys=[keys.lock], args=[token, ttl_ms]) == 1, self._ttl
+        )
         try:
-            lock.release()
-        except LockError:
-            log.warning("session lock expired before release")
-        except redis.RedisError as exc:
-            log.warning("session lock release failed (it will expire): %s", exc)
+            yield hold
+        finally:
+            self._renewer.drop(handle)
+            try:
+                ours, waiting = self._release(
+                    keys=[keys.lock, keys.inbox, keys.processing], args=[token]
+                )
+                hold.waiting = int(waiting)
+                if not ours:
+                    log.warning("session lock expired before release")
+            except redis.RedisError as exc:
+                log.warning("session lock release failed (it will expire): %s", exc)
