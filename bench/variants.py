@@ -1,20 +1,21 @@
-"""Webhook variants for experiments: the real app with one setting changed at run time, to
-measure what a change would buy (or what an earlier default cost) without touching
-production code.
+"""Webhook variants for experiments: the real app with one thing changed at run time, to
+measure what a change bought (by undoing it) without touching production code.
 
-    gunicorn -c gunicorn.conf.py 'bench.variants:webhook_with_sent_events()'
+    gunicorn -c gunicorn.conf.py 'bench.variants:webhook_with_two_log_lines()'
 """
 
 from __future__ import annotations
 
-from flask import Flask
+import logging
+
+from flask import Flask, Response
 
 from webhook import create_app
 
 
 def webhook_with_sent_events() -> Flask:
-    """The webhook with Celery's task-sent event on, the previous default (common.queue now
-    turns it off): each accepted message costs one more event serialisation and PUBLISH."""
+    """The webhook with Celery's task-sent event on, the default before common.queue turned
+    it off: each accepted message costs one more event serialisation and PUBLISH."""
     app = create_app()
     app.extensions["whatsapp_reply"].celery.conf.task_send_sent_event = True
     return app
@@ -25,4 +26,20 @@ def webhook_without_sent_events() -> Flask:
     default now; bench.pipeline_overhead --no-events still names it explicitly)."""
     app = create_app()
     app.extensions["whatsapp_reply"].celery.conf.task_send_sent_event = False
+    return app
+
+
+def webhook_with_two_log_lines() -> Flask:
+    """The webhook writing a second INFO line per accepted message, as it did before the
+    access line carried what was queued (same logger set-up, a line of the same size)."""
+    app = create_app()
+    log = logging.getLogger("webhook.intake")
+
+    def second_line(response: Response) -> Response:
+        if response.status_code == 202:
+            log.info("queued message_id=%s from=%s kind=text pending=%d", "wamid.x" * 4,
+                     "+591****5678", 1)  # fmt: skip
+        return response
+
+    app.after_request(second_line)
     return app

@@ -86,12 +86,13 @@ def row(app: str, load_name: str, result: dict[str, Any]) -> list[object]:
 # webhook in alternating rounds. (gunicorn app spec, environment overrides.) Each undoes one
 # of this release's changes, to show what it bought; two keep the run under 3 minutes.
 EXPERIMENTS = {
-    "task-sent event on (previous default)": ("bench.variants:webhook_with_sent_events()", {}),
-    "2 sync workers (previous default)": (
-        APPS["webhook"],
-        # Overrides gunicorn.conf.py; with threads > 1 gunicorn would turn sync into gthread.
-        {"GUNICORN_CMD_ARGS": "--worker-class sync --threads 1"},
+    # Each undoes one of this afternoon's changes, or tries a setting (BENCHMARKS.md, 1).
+    "pure-Python Redis parser (before hiredis)": (
+        "bench.variants:webhook_with_python_redis_parser()",
+        {},
     ),
+    "two log lines per message (before)": ("bench.variants:webhook_with_two_log_lines()", {}),
+    "4 sync workers (WEB_CONCURRENCY=4)": (APPS["webhook"], {"WEB_CONCURRENCY": "4"}),
 }
 
 
