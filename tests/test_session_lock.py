@@ -215,7 +215,7 @@ def test_only_one_of_many_concurrent_workers_gets_the_lock(
 
 
 def test_one_thread_renews_every_lock_the_process_holds(
-    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer, keys: SessionKeys
+    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer
 ) -> None:
     sessions = [session_keys(settings.key_prefix, f"55119999900{n:02d}") for n in range(6)]
     names = [k.lock for k in sessions]
@@ -242,11 +242,7 @@ def _hold_past_ttl_in_child(url: str, keys: SessionKeys, renewer: LockRenewer, o
 
 
 def test_a_forked_child_gets_its_own_renewal_thread(
-    redis_client: redis.Redis,
-    settings: Settings,
-    keys: SessionKeys,
-    name: str,
-    renewer: LockRenewer,
+    redis_client: redis.Redis, settings: Settings, keys: SessionKeys, renewer: LockRenewer
 ) -> None:
     # The parent's thread is started first and does not survive the fork (prefork pool).
     other = session_keys(settings.key_prefix, "5511777770000")

@@ -94,6 +94,8 @@ class LockRenewer:
             thread.join()
 
     def _run(self) -> None:
+        # Renewals run under the condition, so `drop` waits for one in flight (at most the
+        # Redis socket timeout) and a dropped lock is never renewed after its release.
         with self._changed:
             while not self._closed:
                 now = time.monotonic()
@@ -115,6 +117,9 @@ class LockRenewer:
             return False
         except redis.RedisError as exc:
             log.warning("session lock renewal failed: %s", exc)
+            return True
+        except Exception:  # the thread serves every lock of the process: it must go on
+            log.exception("session lock renewal failed")
             return True
 
 
