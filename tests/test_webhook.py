@@ -410,7 +410,9 @@ def test_unreachable_separate_broker_is_503_and_the_message_is_not_kept(settings
 
 
 @pytest.mark.parametrize("separate_broker", [False, True])
-def test_no_task_is_sent_while_a_worker_holds_the_session(settings, redis_client, separate_broker):
+def test_no_task_is_sent_while_a_worker_holds_the_session(
+    settings, redis_client, separate_broker, caplog
+):
     from webhook import create_app
 
     broker_url = settings.redis_url.rsplit("/", 1)[0] + "/13"
@@ -424,6 +426,8 @@ def test_no_task_is_sent_while_a_worker_holds_the_session(settings, redis_client
         assert response.status_code == 202
         assert response.get_json()["pending"] == 1
         assert broker.llen(settings.task_queue) == 0  # the holder answers it
+        [line] = [r.getMessage() for r in caplog.records if r.name == "webhook.access"]
+        assert line.endswith("task=none (a worker holds the session)")
     finally:
         broker.delete(settings.task_queue)
         broker.close()

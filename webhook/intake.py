@@ -99,6 +99,7 @@ def _accept(svc: Services, message: PendingMessage) -> AcceptResult:
     note(
         f"queued message_id={message.message_id} from={mask_phone(message.sender)}"
         f" kind={message.kind} pending={result.pending}"
+        f" task={'sent' if result.needs_task else 'none (a worker holds the session)'}"
     )
     return result
 
