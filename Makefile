@@ -50,6 +50,7 @@ clean:
 bench: setup redis  ## benchmarks of webhook, pipeline and memory (see BENCHMARKS.md)
 	$(BIN)/python -m bench.webhook_throughput
 	$(BIN)/python -m bench.pipeline_overhead
+	$(BIN)/python -m bench.pipeline_overhead --conversations 8 --think-ms 50
 	$(BIN)/python -m bench.memory
 
 bench-generation: setup  ## naive against batched generation, DialoGPT shapes (~20 min)
