@@ -138,8 +138,10 @@ def receive() -> Response | tuple[Response, int]:
         parsed = parse_body(body, svc.settings)
     except ValidationError as exc:
         return _invalid(_field_errors(exc))
-    MESSAGES.labels("skipped").inc(parsed.skipped)
-    STATUSES.inc(parsed.statuses)
+    if parsed.skipped:  # (an increment by 0 would still write the shared metrics file)
+        MESSAGES.labels("skipped").inc(parsed.skipped)
+    if parsed.statuses:
+        STATUSES.inc(parsed.statuses)
     for inbound, _ in parsed.messages:
         if (problem := _callback_problem(inbound, svc)) is not None:
             return problem

@@ -18,6 +18,8 @@ MESSAGES = Counter(
     ["outcome"],  # queued, duplicate, rate_limited, inbox_full, skipped
 )
 STATUSES = Counter("webhook_whatsapp_statuses_total", "WhatsApp status updates ignored")
+for _outcome in ("queued", "duplicate", "rate_limited", "inbox_full", "skipped"):
+    MESSAGES.labels(_outcome)  # every series shows from the start, at 0
 
 bp = Blueprint("metrics", __name__)
 
