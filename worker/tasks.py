@@ -19,7 +19,8 @@ from worker.app import app
     retry_jitter=True,
 )
 def reply_to_session(session_id: str) -> int:
-    """Answer everything pending for one conversation (one task per accepted message)."""
+    """Answer everything pending for one conversation (queued for an accepted message
+    unless a worker was already answering that conversation)."""
     return runtime.responder().answer(session_id)
 
 
