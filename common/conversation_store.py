@@ -81,6 +81,11 @@ return 1
 _MESSAGES = TypeAdapter(list[StoredMessage])
 
 
+def new_conversation_id(user_id: str, created_epoch: int) -> str:
+    """The id a conversation gets with its first reply (or its first after a reset)."""
+    return f"conv_{user_id}_{created_epoch}"
+
+
 def _parse_messages(raw_messages: list[str]) -> list[StoredMessage]:
     # One validation call for the whole list: faster than one per message.
     return _MESSAGES.validate_json("[" + ",".join(raw_messages) + "]")
@@ -111,11 +116,6 @@ class ConversationStore:
         pipe.hget(keys.conversation, "conversation_id")
         raw_messages, conversation_id = pipe.execute()
         return StoredConversation(_parse_messages(raw_messages), conversation_id)
-
-    def conversation_id(self, keys: SessionKeys, user_id: str, created_epoch: int) -> str:
-        """The existing conversation's id, or the one `commit` will give a new one."""
-        existing = self._client.hget(keys.conversation, "conversation_id")
-        return existing or f"conv_{user_id}_{created_epoch}"
 
     def commit(
         self,

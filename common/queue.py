@@ -106,11 +106,6 @@ class ReplyTaskMessages:
         return json.dumps(envelope)
 
 
-def reply_task_message(app: Celery, session_id: str) -> str:
-    """One reply task message (`ReplyTaskMessages` builds many, cheaper)."""
-    return ReplyTaskMessages(app).build(session_id)
-
-
 def send_delivery_task(
     app: Celery, session_id: str, idempotency_key: str, countdown: float
 ) -> None:

@@ -8,7 +8,7 @@ import json
 from common.inbox import Inbox, QueuedTask
 from common.keys import session_keys
 from common.messages import PendingMessage
-from common.queue import REPLY_TASK, make_celery, reply_task_message, send_reply_task
+from common.queue import REPLY_TASK, ReplyTaskMessages, make_celery, send_reply_task
 
 SESSION = "+59170000002"
 # Fields that differ between any two messages (ids, tags) or only say who sent it.
@@ -23,7 +23,7 @@ def test_built_message_matches_what_send_task_writes(settings, redis_client):
     app = make_celery(settings, main="webhook")
     send_reply_task(app, SESSION)
     [sent] = [json.loads(raw) for raw in redis_client.lrange(settings.task_queue, 0, -1)]
-    built = json.loads(reply_task_message(app, SESSION))
+    built = json.loads(ReplyTaskMessages(app).build(SESSION))
 
     assert set(built) == set(sent)
     assert built["body"] == sent["body"]  # args, kwargs and embed, base64 as kombu does
@@ -48,7 +48,8 @@ def test_built_message_matches_what_send_task_writes(settings, redis_client):
 
 def test_each_message_has_its_own_task_id(settings):
     app = make_celery(settings, main="webhook")
-    first, second = (json.loads(reply_task_message(app, SESSION)) for _ in range(2))
+    messages = ReplyTaskMessages(app)
+    first, second = (json.loads(messages.build(SESSION)) for _ in range(2))
     assert first["headers"]["id"] != second["headers"]["id"]
     assert first["properties"]["delivery_tag"] != second["properties"]["delivery_tag"]
 

@@ -591,11 +591,22 @@ def aged(next_attempt_at: float, age: float) -> OutboxEntry:
     )
 
 
-def test_a_lost_reply_older_than_the_max_age_is_dead_lettered(
-    redis_client: redis.Redis, settings: Settings, requeue: Recorder, schedule: Recorder
-) -> None:
+@pytest.fixture
+def lost_and_expired(redis_client: redis.Redis, settings: Settings) -> OutboxEntry:
+    """In the outbox: overdue for 10 minutes, and a second older than the max age."""
     entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
     add_outbox(redis_client, settings.key_prefix, entry)
+    return entry
+
+
+def test_a_lost_reply_older_than_the_max_age_is_dead_lettered(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    lost_and_expired: OutboxEntry,
+) -> None:
+    entry = lost_and_expired
 
     report = run_sweep(redis_client, settings, requeue, schedule)
 
@@ -632,9 +643,9 @@ def test_expiry_yields_to_a_delivery_that_updated_the_reply_meanwhile(
     requeue: Recorder,
     schedule: Recorder,
     monkeypatch: pytest.MonkeyPatch,
+    lost_and_expired: OutboxEntry,
 ) -> None:
-    entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
-    add_outbox(redis_client, settings.key_prefix, entry)
+    entry = lost_and_expired
     retried = entry.model_copy(update={"attempts": 2, "next_attempt_at": NOW + 2})
     delivery_meanwhile(monkeypatch, lambda: add_outbox(redis_client, settings.key_prefix, retried))
 
@@ -650,9 +661,9 @@ def test_expiry_of_a_reply_another_attempt_dead_lettered_meanwhile_keeps_one_let
     requeue: Recorder,
     schedule: Recorder,
     monkeypatch: pytest.MonkeyPatch,
+    lost_and_expired: OutboxEntry,
 ) -> None:
-    entry = aged(next_attempt_at=NOW - 600, age=settings.callback_max_age_seconds + 1)
-    add_outbox(redis_client, settings.key_prefix, entry)
+    entry = lost_and_expired
     keys = session_keys(settings.key_prefix, SESSION)
     theirs = entry.model_copy(update={"attempts": 2, "failed_at": NOW - 1})
 

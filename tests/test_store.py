@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from redis.crc import key_slot
 
-from common.conversation_store import ConversationStore
+from common.conversation_store import ConversationStore, new_conversation_id
 from common.inbox import Inbox
 from common.keys import session_keys
 from common.messages import PendingMessage, StoredMessage
@@ -36,7 +36,8 @@ def answer(store, keys, batch, reply: str = "ok") -> bool:
     return store.commit(
         keys,
         batch,
-        conversation_id=store.conversation_id(keys, "+59170000001", 1700000000),
+        conversation_id=store.load(keys).conversation_id
+        or new_conversation_id("+59170000001", 1700000000),
         user_id="+59170000001",
         messages=messages,
         metadata={"name": "Ana"},
@@ -179,7 +180,8 @@ def test_conversation_metadata_is_kept_when_a_later_turn_has_none(parts):
     store.commit(
         keys,
         batch,
-        conversation_id=store.conversation_id(keys, "+59170000001", 1700000100),
+        conversation_id=store.load(keys).conversation_id
+        or new_conversation_id("+59170000001", 1700000100),
         user_id="+59170000001",
         messages=messages,
         metadata={},

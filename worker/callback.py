@@ -107,7 +107,9 @@ class CallbackClient:
         # requests would read the proxy and CA-bundle variables on every request (~4% of
         # a worker's CPU with an instant model); they are read once instead.
         self._session.trust_env = False
-        self._verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        self._verify: str | bool = (
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        )
         self._signer = Webhook(secret) if secret else None
         self._clock = clock
 
@@ -145,7 +147,7 @@ class CallbackClient:
                 timeout=self._timeout,
                 allow_redirects=False,
                 proxies=_proxies_for(_origin(url)),
-                verify=self._verify or True,
+                verify=self._verify,
             )
         except PERMANENT_REQUEST_ERRORS as exc:
             raise CallbackError(f"{exc.__class__.__name__}: {exc}", retryable=False) from exc

@@ -21,7 +21,7 @@ from common.messages import OutboxEntry
 from common.settings import Settings
 from worker.callback import CallbackClient, CallbackError, backoff_seconds
 from worker.metrics import CALLBACKS
-from worker.outbox import DeadLetters, Outbox
+from worker.outbox import DeadLetters, Outbox, move_to_dead_letters
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,9 @@ class Delivery:
                     self.schedule(entry.session_id, entry.idempotency_key, delay)
             else:
                 # Dead letter first, then leave the outbox: a crash in between keeps both,
-                # never neither. If the entry had already left, either another attempt
-                # delivered it (then this letter, if it was the first, is taken back) or
-                # someone else gave up on it too (then their letter stays; see
-                # worker.outbox for why this never leaves none).
+                # never neither (see worker.outbox). Gone already: another attempt settled it.
                 letter = entry.model_copy(update={"failed_at": now})
-                first = self.dead_letters.add(letter)
-                if not self.outbox.remove(keys, entry.idempotency_key):
-                    if first:
-                        self.dead_letters.remove_if(letter)
+                if not move_to_dead_letters(self.outbox, self.dead_letters, keys, letter):
                     return False
                 CALLBACKS.labels("dead").inc()
                 log.error(

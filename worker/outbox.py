@@ -113,3 +113,22 @@ class DeadLetters:
         count = int(self._client.hlen(self._key))
         self._client.delete(self._key)
         return count
+
+
+def move_to_dead_letters(
+    outbox: Outbox,
+    dead_letters: DeadLetters,
+    keys: SessionKeys,
+    letter: OutboxEntry,
+    expected: str | None = None,
+) -> bool:
+    """Give up on a reply, as the module docstring says; False if it had already left the
+    outbox (or, with `expected`, no longer reads so): whoever settled it meanwhile wins."""
+    first = dead_letters.add(letter)
+    if expected is None:
+        left = outbox.remove(keys, letter.idempotency_key)
+    else:
+        left = outbox.replace(keys, letter.idempotency_key, expected, None)
+    if not left and first:
+        dead_letters.remove_if(letter)
+    return left

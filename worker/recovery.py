@@ -34,7 +34,7 @@ from redis.commands.core import Script
 from common.keys import session_keys, session_of, session_pattern
 from common.messages import OutboxEntry, PendingMessage
 from common.settings import Settings
-from worker.outbox import DeadLetters, Outbox
+from worker.outbox import DeadLetters, Outbox, move_to_dead_letters
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +133,8 @@ def _expire(
     if entry.last_error:
         reason += f"; last error: {entry.last_error}"
     letter = entry.model_copy(update={"failed_at": now, "last_error": reason})
-    first = dead_letters.add(letter)
-    if outbox.replace(keys, entry.idempotency_key, raw, None):
-        return True
-    # Changed meanwhile: a delivery attempt is on it, or settled it. Its outcome stands.
-    if first:
-        dead_letters.remove_if(letter)
-    return False
+    # If the entry changed meanwhile, a delivery attempt is on it or settled it: it wins.
+    return move_to_dead_letters(outbox, dead_letters, keys, letter, expected=raw)
 
 
 def sweep(

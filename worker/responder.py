@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import redis
 
-from common.conversation_store import ConversationStore, StoredConversation
+from common.conversation_store import ConversationStore, StoredConversation, new_conversation_id
 from common.inbox import Batch, Inbox
 from common.keys import SessionKeys, session_keys
 from common.messages import (
@@ -167,7 +167,9 @@ class Responder:
         key = idempotency_key(session_id, ids)
         last = batch.messages[-1]
         started = int(batch.messages[0].received_at)
-        conversation_id = (history and history.conversation_id) or f"conv_{last.sender}_{started}"
+        conversation_id = (history and history.conversation_id) or new_conversation_id(
+            last.sender, started
+        )
         stored = [
             StoredMessage(
                 message_id=m.message_id,
