@@ -163,10 +163,13 @@ def make_celery(settings: Settings, main: str = "worker") -> Celery:
             "socket_connect_timeout": settings.redis_socket_timeout,
         },
         broker_connection_retry_on_startup=True,
-        # Flower shows tasks live only when workers send events. The webhook's own "sent"
+        # Task events (received, started, succeeded) cost a worker ~0.9 ms per task
+        # (BENCHMARKS.md, section 2), so they are sent only once a monitor asks: flower
+        # broadcasts `enable_events` at start and every 5 s after. WORKER_TASK_EVENTS
+        # sends them always, for monitors that only listen. The webhook's own "sent"
         # event would cost every accepted message another publish (13% of the webhook's
-        # throughput, BENCHMARKS.md) for a state flower shows for a few milliseconds.
-        worker_send_task_events=True,
+        # throughput) for a state flower shows for a few milliseconds.
+        worker_send_task_events=settings.worker_task_events,
         task_send_sent_event=False,
         worker_hijack_root_logger=False,
     )

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     task_max_retries: int = Field(default=3, ge=0)
     worker_metrics_port: int = Field(default=9100, ge=0, le=65535, description="0: off.")
+    worker_task_events: bool = Field(
+        default=False, description="Always send task events; off: once a monitor asks."
+    )
     generation_batch_size: int = Field(
         default=8, ge=1, le=256, description="Most replies one generate call makes; 1: off."
     )

@@ -11,6 +11,7 @@ import contextlib
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+from celery import Celery
 
 from common.keys import session_keys, worker_heartbeat_pattern
 from common.privacy import mask_phone
@@ -232,6 +234,63 @@ def test_bursts_for_several_sessions_are_answered_in_order_exactly_once(system: 
         history = requests.get(f"{system.base_url}/chat/history/{s}", timeout=5).json()
         replies = [m["content"] for m in history["messages"] if m["role"] == "assistant"]
         assert replies == [c.body["reply"] for c in callbacks]
+
+
+@contextlib.contextmanager
+def task_events(system: System) -> Iterator[tuple[Celery, list[dict]]]:
+    """Collect the task events our worker publishes, with Celery's own event receiver."""
+    app = Celery(broker=system.env["REDIS_URL"])
+    ours = f"{system.prefix}@"  # the worker's node name starts with the prefix
+    events: list[dict] = []
+
+    def keep(event: dict) -> None:
+        if str(event.get("hostname", "")).startswith(ours):
+            events.append(event)
+
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": keep})
+        thread = threading.Thread(target=receiver.capture, daemon=True)
+        thread.start()
+        try:
+            # capture() asks every worker for a heartbeat once it listens: ours arriving
+            # means nothing our worker sends from now on can be missed.
+            wait_until(lambda: any(e["type"] == "worker-heartbeat" for e in events), 15,
+                       "worker heartbeat event")  # fmt: skip
+            yield app, events
+        finally:
+            receiver.should_stop = True
+            thread.join(timeout=10)
+        app.close()
+
+
+def test_task_events_are_sent_only_once_a_monitor_asks(system: System):
+    # Runs before the flower test: flower turns the worker's task events on for good.
+    def task_events_for(session: str) -> list[dict]:
+        ids = {e["uuid"] for e in events if mask_phone(session) in str(e.get("args", ""))}
+        return [e for e in events if e.get("uuid") in ids]
+
+    def answered(session: str) -> None:
+        system.receiver.wait_for(lambda _: bool(system.receiver.for_session(session)), 60)
+
+    with task_events(system) as (app, events):
+        quiet = new_session()
+        system.post(message_id=f"quiet-{quiet}", **{"from": quiet}, text="hola")
+        answered(quiet)
+        time.sleep(1)  # task events are flushed by the worker's event loop, within ms
+        assert not [e for e in events if e["type"].startswith("task-")]
+
+        replies = app.control.broadcast("enable_events", reply=True, timeout=5)
+        assert any(system.prefix in name for reply in replies for name in reply)
+        watched = new_session()
+        system.post(message_id=f"watched-{watched}", **{"from": watched}, text="hola")
+        answered(watched)
+        wait_until(
+            lambda: (
+                {"task-received", "task-succeeded"} <= {e["type"] for e in task_events_for(watched)}
+            ),
+            15,
+            "task events after enable_events",
+        )
 
 
 def test_flower_shows_the_reply_task(system: System):

@@ -95,3 +95,9 @@ def test_a_message_for_a_held_session_is_stored_but_gets_no_task(settings, redis
     free = inbox.accept(keys, message(2), task)
     assert (free.status, free.pending, free.needs_task) == ("queued", 2, True)
     assert redis_client.lrange(settings.task_queue, 0, -1) == ['{"task": 1}']
+
+
+def test_task_events_wait_for_a_monitor_unless_asked_for(make_settings):
+    assert make_celery(make_settings()).conf.worker_send_task_events is False
+    always = make_celery(make_settings(worker_task_events=True))
+    assert always.conf.worker_send_task_events is True
