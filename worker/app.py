@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from celery.app import trace
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from common.logging_setup import configure_logging
@@ -21,6 +22,29 @@ if settings.worker_metrics_port:
 from worker.bootsteps import Heartbeat, RecoverySweep  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+
+class SkipRoutineTaskLines(logging.Filter):
+    """One line per reply, as the webhook writes one per request.
+
+    The responder's `replied …` line already says what Celery's "Task … received" and
+    "Task … succeeded" lines would; this drops those two before they are formatted, while
+    retries and failures still reach the log.
+    """
+
+    routine = frozenset({trace.LOG_RECEIVED, trace.LOG_SUCCESS})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.routine
+
+
+def _skip_routine_task_lines() -> None:
+    if logging.getLevelName(settings.log_level) > logging.DEBUG:  # DEBUG keeps everything
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).addFilter(SkipRoutineTaskLines())
+
+
+_skip_routine_task_lines()
 app = make_celery(settings)
 app.conf.include = ["worker.tasks"]
 app.steps["worker"].update({Heartbeat, RecoverySweep})
