@@ -65,20 +65,31 @@ end
 return removed
 """
 
-# KEYS: inbox, processing   ARGV: session ttl
-# A non-empty processing list means an earlier claim was never answered (its worker died):
-# that batch is answered first and alone, so its reply keeps the same idempotency key.
-_CLAIM = """
-if redis.call('LLEN', KEYS[2]) > 0 then
-  return redis.call('LRANGE', KEYS[2], 0, -1)
+# The claim: a non-empty processing list means an earlier claim was never answered (its
+# worker died): that batch is answered first and alone, so its reply keeps the same
+# idempotency key. Otherwise everything pending moves to `processing`.
+_CLAIM_STEPS = """
+if redis.call('LLEN', processing) > 0 then
+  return redis.call('LRANGE', processing, 0, -1)
 end
-local pending = redis.call('LRANGE', KEYS[1], 0, -1)
+local pending = redis.call('LRANGE', inbox, 0, -1)
 if #pending == 0 then return pending end
-redis.call('DEL', KEYS[1])
-redis.call('RPUSH', KEYS[2], unpack(pending))
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('DEL', inbox)
+redis.call('RPUSH', processing, unpack(pending))
+redis.call('EXPIRE', processing, ttl)
 return pending
 """
+
+# KEYS: inbox, processing   ARGV: session ttl
+_CLAIM = "local inbox, processing, ttl = KEYS[1], KEYS[2], ARGV[1]" + _CLAIM_STEPS
+
+# KEYS: lock, inbox, processing   ARGV: token, lock ttl in ms, session ttl
+# Takes the session's lock (as SessionLocks does) and claims in the same round trip;
+# nil, with nothing claimed, when another worker holds the lock.
+_LOCK_AND_CLAIM = (
+    "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end\n"
+    "local inbox, processing, ttl = KEYS[2], KEYS[3], ARGV[3]" + _CLAIM_STEPS
+)
 
 AcceptStatus = Literal["queued", "duplicate", "rate_limited", "inbox_full"]
 
@@ -111,6 +122,10 @@ class Batch:
         return bool(self.messages)
 
 
+def _batch(raw: list[str]) -> Batch:
+    return Batch(raw=list(raw), messages=[PendingMessage.model_validate_json(i) for i in raw])
+
+
 class Inbox:
     """Accept and claim operations for the inboxes of all sessions."""
 
@@ -119,6 +134,7 @@ class Inbox:
         self._accept = client.register_script(_ACCEPT)
         self._withdraw = client.register_script(_WITHDRAW)
         self._claim = client.register_script(_CLAIM)
+        self._lock_and_claim = client.register_script(_LOCK_AND_CLAIM)
         self._client = client
 
     def accept(
@@ -166,7 +182,19 @@ class Inbox:
         raw = self._claim(
             keys=[keys.inbox, keys.processing], args=[self._settings.session_expire_time]
         )
-        return Batch(raw=list(raw), messages=[PendingMessage.model_validate_json(i) for i in raw])
+        return _batch(raw)
+
+    def lock_and_claim(self, keys: SessionKeys, token: str, lock_ttl_ms: int) -> Batch | None:
+        """Take the session's lock with `token`, then claim: None if the lock is taken.
+
+        One round trip where `SessionLocks` and `claim` take two, for callers that claim
+        as soon as they hold the lock (`SessionLocks.hold(keys, acquire=…)`).
+        """
+        raw = self._lock_and_claim(
+            keys=[keys.lock, keys.inbox, keys.processing],
+            args=[token, lock_ttl_ms, self._settings.session_expire_time],
+        )
+        return None if raw is None else _batch(raw)
 
     def has_pending(self, keys: SessionKeys) -> bool:
         pipe = self._client.pipeline(transaction=False)

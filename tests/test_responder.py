@@ -134,9 +134,9 @@ class ArrivalAfterEmptyClaim(Inbox):
         self.__dict__.update(inbox.__dict__)
         self._keys, self._late = keys, late
 
-    def claim(self, keys):  # type: ignore[no-untyped-def]
-        batch = super().claim(keys)
-        if not batch and self._late is not None:
+    def lock_and_claim(self, keys, token, lock_ttl_ms):  # type: ignore[no-untyped-def]
+        batch = super().lock_and_claim(keys, token, lock_ttl_ms)
+        if batch is not None and not batch and self._late is not None:
             assert not self.accept(self._keys, self._late).needs_task  # the lock is held
             self._late = None
         return batch

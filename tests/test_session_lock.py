@@ -283,3 +283,25 @@ def test_a_refused_hold_counts_nothing(
         pass
     assert (held.acquired, held.waiting) == (False, None)
     assert redis_client.get(keys.lock) == "holder"
+
+
+def test_a_custom_acquire_takes_the_lock_it_is_given(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    # The token and TTL the lock was taken with are the ones renewed and released.
+    calls: list[tuple[str, int]] = []
+
+    def acquire(token: str, ttl_ms: int) -> bool:
+        calls.append((token, ttl_ms))
+        return bool(redis_client.set(keys.lock, token, nx=True, px=ttl_ms))
+
+    with SessionLocks(redis_client, 30, renewer).hold(keys, acquire) as held:
+        [(token, ttl_ms)] = calls
+        assert held.acquired and ttl_ms == 30_000
+        assert redis_client.get(keys.lock) == token and renewer.holding == 1
+    assert not redis_client.exists(keys.lock) and renewer.holding == 0
+
+    redis_client.set(keys.lock, "holder", px=30_000)
+    with SessionLocks(redis_client, 30, renewer).hold(keys, acquire) as refused:
+        assert not refused.acquired and renewer.holding == 0
+    assert redis_client.get(keys.lock) == "holder"

@@ -59,6 +59,45 @@ def test_claim_takes_everything_pending_in_order(parts, redis_client):
     assert inbox.claim(keys).raw == batch.raw  # unanswered claim is handed out again
 
 
+def test_lock_and_claim_claims_only_when_it_takes_the_lock(parts, redis_client):
+    keys, inbox, _ = parts
+    for n in range(2):
+        inbox.accept(keys, pending(n))
+
+    batch = inbox.lock_and_claim(keys, "token-a", 30_000)
+
+    assert batch is not None
+    assert [m.message_id for m in batch.messages] == ["m0", "m1"]
+    assert redis_client.get(keys.lock) == "token-a"
+    assert 29_000 < redis_client.pttl(keys.lock) <= 30_000
+    assert redis_client.llen(keys.processing) == 2
+    # Held: a second worker takes nothing, and its message stays in the inbox.
+    inbox.accept(keys, pending(2))
+    assert inbox.lock_and_claim(keys, "token-b", 30_000) is None
+    assert redis_client.get(keys.lock) == "token-a"
+    assert redis_client.llen(keys.inbox) == 1
+    assert redis_client.llen(keys.processing) == 2
+
+
+def test_lock_and_claim_hands_back_an_unanswered_claim_first(parts, redis_client):
+    keys, inbox, _ = parts
+    inbox.accept(keys, pending(0))
+    first = inbox.claim(keys)  # claimed by a worker that died
+    inbox.accept(keys, pending(1))
+
+    again = inbox.lock_and_claim(keys, "token", 30_000)
+
+    assert again is not None and again.raw == first.raw
+    assert redis_client.llen(keys.inbox) == 1
+
+
+def test_lock_and_claim_with_nothing_pending_still_takes_the_lock(parts, redis_client):
+    keys, inbox, _ = parts
+    batch = inbox.lock_and_claim(keys, "token", 30_000)
+    assert batch is not None and not batch
+    assert redis_client.get(keys.lock) == "token"
+
+
 def test_commit_stores_turn_clears_processing_and_sets_ttl(parts, settings, redis_client):
     keys, inbox, store = parts
     inbox.accept(keys, pending(0))

@@ -69,6 +69,19 @@ def _iso(epoch: float) -> str:
 
 
 @dataclass
+class _ClaimOnAcquire:
+    """An `Acquire` for `SessionLocks.hold` that also claims; keeps what it claimed."""
+
+    inbox: Inbox
+    keys: SessionKeys
+    batch: Batch | None = None
+
+    def __call__(self, token: str, ttl_ms: int) -> bool:
+        self.batch = self.inbox.lock_and_claim(self.keys, token, ttl_ms)
+        return self.batch is not None
+
+
+@dataclass
 class Responder:
     client: redis.Redis
     settings: Settings
@@ -85,14 +98,19 @@ class Responder:
         keys = session_keys(self.settings.key_prefix, session_id)
         replies = 0
         for _ in range(MAX_ROUNDS_PER_TASK):
-            with self.locks.hold(keys) as hold:
+            claim = _ClaimOnAcquire(self.inbox, keys)
+            # Without debounce there is nothing to decide between lock and claim: one step.
+            acquire = claim if self.settings.debounce_seconds <= 0 else None
+            with self.locks.hold(keys, acquire) as hold:
                 if not hold.acquired:
                     return replies  # the holder will see our messages after it releases
-                wait = self._debounce_wait(keys)
-                if wait > 0:
-                    self.requeue(session_id, wait)
-                    return replies
-                batch = self.inbox.claim(keys)
+                if claim.batch is None:
+                    wait = self._debounce_wait(keys)
+                    if wait > 0:
+                        self.requeue(session_id, wait)
+                        return replies
+                    claim.batch = self.inbox.claim(keys)
+                batch = claim.batch
                 if batch:
                     self._answer_batch(session_id, keys, batch)
                     replies += 1

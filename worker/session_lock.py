@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # Renews one lock: True while it is still ours; False once it was lost (stop renewing).
 Renew = Callable[[], bool]
+# Takes a session's lock with (token, ttl in ms) if no one holds it: True if it did.
+Acquire = Callable[[str, int], bool]
 
 
 @dataclass
@@ -162,12 +164,18 @@ class SessionLocks:
         self._release = client.register_script(_RELEASE)
 
     @contextlib.contextmanager
-    def hold(self, keys: SessionKeys) -> Iterator[Hold]:
-        """Hold the session's lock for the block if no one else does (`Hold.acquired`)."""
+    def hold(self, keys: SessionKeys, acquire: Acquire | None = None) -> Iterator[Hold]:
+        """Hold the session's lock for the block if no one else does (`Hold.acquired`).
+
+        `acquire` replaces the plain `SET NX PX`, for a script that takes the lock and
+        does its first step in the same round trip (`Inbox.lock_and_claim`).
+        """
         hold = Hold()
         token = secrets.token_hex(16)
         ttl_ms = int(self._ttl * 1000)
-        if not self._client.set(keys.lock, token, nx=True, px=ttl_ms):
+        if acquire is None:
+            acquire = self._set_if_free(keys)
+        if not acquire(token, ttl_ms):
             yield hold
             return
         hold.acquired = True
@@ -187,3 +195,6 @@ class SessionLocks:
                     log.warning("session lock expired before release")
             except redis.RedisError as exc:
                 log.warning("session lock release failed (it will expire): %s", exc)
+
+    def _set_if_free(self, keys: SessionKeys) -> Acquire:
+        return lambda token, ttl_ms: bool(self._client.set(keys.lock, token, nx=True, px=ttl_ms))
