@@ -4,6 +4,7 @@ receiver, the DialoGPT-small-shaped model, and Markdown output."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -18,7 +19,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -301,62 +301,176 @@ def save_results(name: str, data: dict[str, Any]) -> Path:
 
 # --- n8n's side: the callback receiver -------------------------------------------------
 
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+_MAX_HEAD = 64 * 1024  # a request head larger than this is not a worker's callback
+
 
 @dataclass
 class CallbackReceiver:
-    """Records when each reply arrives (perf_counter, this process's clock), by message id."""
+    """Records when each reply arrives (perf_counter, this process's clock), by message id.
 
+    Runs on `loop` (an asyncio loop in a thread of its own): coroutines on that loop await
+    `arrival()`, other threads call `wait()`. Only the loop's thread writes the dicts."""
+
+    loop: asyncio.AbstractEventLoop
     url: str = ""
     arrivals: dict[str, float] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _waiters: dict[str, list[asyncio.Future[float]]] = field(default_factory=dict)
 
     def record(self, body: dict[str, Any], arrived: float) -> None:
-        with self._changed:
-            for message_id in body.get("in_reply_to", []):
-                self.arrivals[message_id] = arrived
-                self.bodies[message_id] = body
-            self._changed.notify_all()
+        """On the loop: note the arrival and wake only the waiters for these ids."""
+        for message_id in body.get("in_reply_to", []):
+            self.arrivals[message_id] = arrived
+            self.bodies[message_id] = body
+            for waiter in self._waiters.pop(message_id, ()):
+                if not waiter.done():
+                    waiter.set_result(arrived)
+
+    async def arrival(self, message_id: str, timeout: float = 30) -> float:
+        """On the loop: when the reply to `message_id` arrived, waiting up to `timeout`."""
+        if message_id in self.arrivals:
+            return self.arrivals[message_id]
+        waiter: asyncio.Future[float] = self.loop.create_future()
+        self._waiters.setdefault(message_id, []).append(waiter)
+        error = TimeoutError(f"no callback for {message_id} within {timeout}s")
+        timer = self.loop.call_later(timeout, _fail, waiter, error)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            waiting = self._waiters.get(message_id, [])
+            if waiter in waiting:
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiters[message_id]
 
     def wait(self, message_id: str, timeout: float = 30) -> float:
-        with self._changed:
-            if not self._changed.wait_for(lambda: message_id in self.arrivals, timeout):
-                raise TimeoutError(f"no callback for {message_id} within {timeout}s")
-            return self.arrivals[message_id]
+        """From any other thread: `arrival()` on the receiver's loop."""
+        future = asyncio.run_coroutine_threadsafe(self.arrival(message_id, timeout), self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
 
     def count(self) -> int:
-        with self._changed:
-            return len(self.arrivals)
+        return len(self.arrivals)  # one read of a dict only the loop writes
+
+
+def _fail(waiter: asyncio.Future[float], error: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)
+
+
+class _CallbackProtocol(asyncio.Protocol):
+    """One keep-alive connection from the worker: HTTP/1.1 requests with Content-Length
+    bodies, possibly pipelined or split across reads, each answered 200 in order."""
+
+    def __init__(self, receiver: CallbackReceiver, transports: set[asyncio.BaseTransport]):
+        self.receiver = receiver
+        self.transports = transports
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.transports.add(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transports.discard(self.transport)  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        arrived = time.perf_counter()  # the read that completes a body is its arrival
+        self.buffer += data
+        while self.transport is not None and not self.transport.is_closing():
+            while self.buffer.startswith(b"\r\n"):  # stray CRLF between requests
+                del self.buffer[:2]
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buffer) > _MAX_HEAD:
+                    self._refuse(b"431 Request Header Fields Too Large")
+                return
+            request_line, *lines = self.buffer[:end].decode("latin-1").split("\r\n")
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "transfer-encoding" in headers:  # requests sends Content-Length for bytes
+                self._refuse(b"501 Not Implemented")
+                return
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                length = -1
+            if length < 0:
+                self._refuse(b"400 Bad Request")
+                return
+            start = end + 4
+            if len(self.buffer) < start + length:
+                return  # the rest of the body is still on its way
+            body = bytes(self.buffer[start : start + length])
+            del self.buffer[: start + length]
+            method, _, rest = request_line.partition(" ")
+            if method != "POST":
+                self.transport.write(b"HTTP/1.1 405 Method Not Allowed\r\nAllow: POST\r\n"
+                                     b"Content-Length: 0\r\n\r\n")  # fmt: skip
+                continue
+            try:
+                self.receiver.record(json.loads(body or b"{}"), arrived)
+            except ValueError:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                continue
+            self.transport.write(_OK)
+            connection = headers.get("connection", "").lower()
+            if connection == "close" or (rest.endswith("HTTP/1.0") and connection != "keep-alive"):
+                self.transport.close()
+
+    def _refuse(self, status: bytes) -> None:
+        """Answer and close: after a request it cannot frame, the stream is lost."""
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")  # fmt: skip
+        self.transport.close()
 
 
 @contextlib.contextmanager
 def callback_receiver() -> Iterator[CallbackReceiver]:
-    """A threaded HTTP/1.1 server with keep-alive (as n8n's is) that answers 200."""
-    receiver = CallbackReceiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            receiver.record(json.loads(body or b"{}"), time.perf_counter())
-            self.send_response(200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/n8n/reply"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    """An HTTP/1.1 server with keep-alive (as n8n's is) that answers 200, on an asyncio loop
+    in a thread of its own: one thread serves every connection, and a callback wakes only
+    its waiter, so the receiver costs little of the CPU it shares with the system under
+    test. Coroutines that await `arrival()` run on `receiver.loop`."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="callback-receiver", daemon=True)
     thread.start()
+    receiver = CallbackReceiver(loop)
+    transports: set[asyncio.BaseTransport] = set()
+
+    async def serve() -> asyncio.Server:
+        return await loop.create_server(
+            lambda: _CallbackProtocol(receiver, transports), "127.0.0.1", 0
+        )
+
+    async def shut(server: asyncio.Server) -> None:
+        server.close()
+        for transport in list(transports):
+            transport.close()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # let the transports' connection_lost run
+
     try:
-        yield receiver
+        server = asyncio.run_coroutine_threadsafe(serve(), loop).result()
+        receiver.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/n8n/reply"
+        try:
+            yield receiver
+        finally:
+            asyncio.run_coroutine_threadsafe(shut(server), loop).result(timeout=10)
     finally:
-        server.shutdown()
-        server.server_close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
 
 
 # --- The model -------------------------------------------------------------------------
