@@ -306,9 +306,9 @@ def test_without_a_session_one_is_created_once_and_reused(
             super().__init__()
             created.append(self)
 
-        def post(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+        def send(self, *args, **kwargs):  # type: ignore[no-untyped-def, override]
             posts.append(self)
-            return super().post(*args, **kwargs)
+            return super().send(*args, **kwargs)
 
     monkeypatch.setattr(requests, "Session", CountingSession)
 
