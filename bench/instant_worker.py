@@ -15,6 +15,7 @@ session) and `postrun` (the task returned: reply delivered, lock released).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from celery import current_task
 from celery.signals import task_postrun, task_prerun, task_received
 
 import worker.model
-from worker.app import app
+from worker.app import SkipRoutineTaskLines, app
 from worker.model import GeneratedReply
 
 REPLY_TEXT = "Claro, te ayudo con eso."
@@ -73,8 +74,11 @@ def _postrun(task_id: str | None = None, args: Any = None, **_: Any) -> None:
 
 def main(argv: Sequence[str]) -> None:
     worker.model._model = InstantModel()  # type: ignore[assignment]
-    if os.environ.get("BENCH_TASK_EVENTS") == "0":  # an experiment, see bench.variants
-        app.conf.worker_send_task_events = False
+    if os.environ.get("BENCH_CELERY_TASK_LINES") == "1":  # experiment: undo worker.app's filter
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logger = logging.getLogger(name)
+            for found in [f for f in logger.filters if isinstance(f, SkipRoutineTaskLines)]:
+                logger.removeFilter(found)
     app.worker_main(list(argv))
 
 

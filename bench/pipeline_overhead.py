@@ -12,7 +12,8 @@ bench.instant_worker) split each message's time into steps.
 Target: p50 <= 15 ms, p99 <= 50 ms at 8 concurrent conversations.
 
     python -m bench.pipeline_overhead [--messages 300] [--conversations 1 8 32]
-        [--workers threads:8 prefork:2] [--think-ms 0] [--no-events] [--profile]
+        [--workers threads:8 prefork:2] [--think-ms 0] [--task-events]
+        [--celery-task-lines] [--profile]
 """
 
 from __future__ import annotations
@@ -348,8 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", nargs="+", default=DEFAULT_WORKERS, help="pool:concurrency")
     parser.add_argument("--think-ms", type=float, default=0, help="pause before the next message")
     parser.add_argument(
-        "--no-events", action="store_true",
-        help="experiment: no worker task-* events (the webhook's task-sent is off anyway)",
+        "--task-events", action="store_true",
+        help="workers send task events, as while flower watches (WORKER_TASK_EVENTS=true)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--celery-task-lines", action="store_true",
+        help="experiment: keep Celery's 'received'/'succeeded' log lines (dropped at INFO)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true", help="then profile 8 conversations with py-spy"
@@ -359,13 +364,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run.new("pipeline")
     print(f"logs in {run.logs}")
     rows: list[dict[str, Any]] = []
-    app = "bench.variants:webhook_without_sent_events()" if args.no_events else APPS["webhook"]
     try:
         with callback_receiver() as receiver:
             env = run.env(N8N_CALLBACK_URL=receiver.url, MODEL_NAME="bench-instant")
-            if args.no_events:
-                env["BENCH_TASK_EVENTS"] = "0"
-            with gunicorn(app, run, "webhook", env) as (port, webhook_pid):
+            if args.task_events:
+                env["WORKER_TASK_EVENTS"] = "true"
+            if args.celery_task_lines:
+                env["BENCH_CELERY_TASK_LINES"] = "1"
+            with gunicorn(APPS["webhook"], run, "webhook", env) as (port, webhook_pid):
                 setup = Setup(run, env, port, webhook_pid, receiver, args.conversations,
                               args.messages, args.think_ms / 1000, args.profile)  # fmt: skip
                 for spec in args.workers:
@@ -375,10 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     report(rows)
     print(f"- {purged} Redis keys purged")
-    name = "pipeline_overhead" + ("_no_events" if args.no_events else "")
+    name = "pipeline_overhead" + ("_task_events" if args.task_events else "")
+    name += "_celery_task_lines" if args.celery_task_lines else ""
     name += f"_think{args.think_ms:g}ms" if args.think_ms else ""
     name += "_profile" if args.profile else ""
-    path = save_results(name, {"messages": args.messages, "no_events": args.no_events,
+    path = save_results(name, {"messages": args.messages, "task_events": args.task_events,
+                               "celery_task_lines": args.celery_task_lines,
                                "think_ms": args.think_ms, "rows": rows})  # fmt: skip
     print(f"- results: {path.relative_to(path.parent.parent.parent)}")
     return 0

@@ -21,14 +21,6 @@ def webhook_with_sent_events() -> Flask:
     return app
 
 
-def webhook_without_sent_events() -> Flask:
-    """The webhook with Celery's task-sent event off, whatever common.queue says (it is the
-    default now; bench.pipeline_overhead --no-events still names it explicitly)."""
-    app = create_app()
-    app.extensions["whatsapp_reply"].celery.conf.task_send_sent_event = False
-    return app
-
-
 def webhook_with_two_log_lines() -> Flask:
     """The webhook writing a second INFO line per accepted message, as it did before the
     access line carried what was queued (same logger set-up, a line of the same size)."""
