@@ -10,6 +10,10 @@ pool thread or child starts the task), `generate` (the responder asks the model;
 with the message id the benchmark put at the end of the text, after `#`, instead of the
 session) and `postrun` (the task returned: reply delivered, lock released).
 
+With BENCH_CELERY_TASK_LINES=1 or BENCH_SEPARATE_LOCK_AND_CLAIM=1 the worker undoes one
+of the changes BENCHMARKS.md measures (`bench.pipeline_overhead --variant`), in this
+process only.
+
     python -m bench.instant_worker worker --pool threads --concurrency 8
 """
 
@@ -26,6 +30,8 @@ from celery import current_task
 from celery.signals import task_postrun, task_prerun, task_received
 
 import worker.model
+from common.inbox import Inbox
+from common.keys import SessionKeys
 from worker.app import SkipRoutineTaskLines, app
 from worker.model import GeneratedReply
 
@@ -79,7 +85,16 @@ def main(argv: Sequence[str]) -> None:
             logger = logging.getLogger(name)
             for found in [f for f in logger.filters if isinstance(f, SkipRoutineTaskLines)]:
                 logger.removeFilter(found)
+    if os.environ.get("BENCH_SEPARATE_LOCK_AND_CLAIM") == "1":  # experiment: as before
+        Inbox.lock_and_claim = _lock_then_claim  # type: ignore[method-assign]
     app.worker_main(list(argv))
+
+
+def _lock_then_claim(inbox: Inbox, keys: SessionKeys, token: str, lock_ttl_ms: int) -> Any:
+    """The lock and the claim in two round trips, as before `Inbox.lock_and_claim`."""
+    if not inbox._client.set(keys.lock, token, nx=True, px=lock_ttl_ms):
+        return None
+    return inbox.claim(keys)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ bench.instant_worker) split each message's time into steps.
 Target: p50 <= 15 ms, p99 <= 50 ms at 8 concurrent conversations.
 
     python -m bench.pipeline_overhead [--messages 300] [--conversations 1 8 32]
-        [--workers threads:8 prefork:2] [--think-ms 0] [--task-events]
-        [--celery-task-lines] [--profile]
+        [--workers threads:8 prefork:2] [--think-ms 0]
+        [--variant task-events celery-task-lines separate-lock-and-claim] [--profile]
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ from bench.harness import (
 )
 
 DEFAULT_WORKERS = ["threads:8", "prefork:2"]  # pool:concurrency
+# Environment of each --variant: a production setting, or an experiment that undoes one of
+# the changes measured in BENCHMARKS.md (bench.instant_worker reads the BENCH_* ones).
+VARIANTS = {
+    "task-events": {"WORKER_TASK_EVENTS": "true"},  # as while flower watches
+    "celery-task-lines": {"BENCH_CELERY_TASK_LINES": "1"},  # Celery's received/succeeded lines
+    "separate-lock-and-claim": {"BENCH_SEPARATE_LOCK_AND_CLAIM": "1"},  # two round trips
+}
 STEPS = [
     "POST -> 202",
     "POST -> task in worker",
@@ -349,12 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", nargs="+", default=DEFAULT_WORKERS, help="pool:concurrency")
     parser.add_argument("--think-ms", type=float, default=0, help="pause before the next message")
     parser.add_argument(
-        "--task-events", action="store_true",
-        help="workers send task events, as while flower watches (WORKER_TASK_EVENTS=true)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--celery-task-lines", action="store_true",
-        help="experiment: keep Celery's 'received'/'succeeded' log lines (dropped at INFO)",
+        "--variant", nargs="+", default=[], choices=sorted(VARIANTS),
+        help="run with these changes (see VARIANTS)",
     )  # fmt: skip
     parser.add_argument(
         "--profile", action="store_true", help="then profile 8 conversations with py-spy"
@@ -367,10 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with callback_receiver() as receiver:
             env = run.env(N8N_CALLBACK_URL=receiver.url, MODEL_NAME="bench-instant")
-            if args.task_events:
-                env["WORKER_TASK_EVENTS"] = "true"
-            if args.celery_task_lines:
-                env["BENCH_CELERY_TASK_LINES"] = "1"
+            for variant in args.variant:
+                env.update(VARIANTS[variant])
             with gunicorn(APPS["webhook"], run, "webhook", env) as (port, webhook_pid):
                 setup = Setup(run, env, port, webhook_pid, receiver, args.conversations,
                               args.messages, args.think_ms / 1000, args.profile)  # fmt: skip
@@ -381,12 +382,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     report(rows)
     print(f"- {purged} Redis keys purged")
-    name = "pipeline_overhead" + ("_task_events" if args.task_events else "")
-    name += "_celery_task_lines" if args.celery_task_lines else ""
+    name = "_".join(["pipeline_overhead", *(v.replace("-", "_") for v in args.variant)])
     name += f"_think{args.think_ms:g}ms" if args.think_ms else ""
     name += "_profile" if args.profile else ""
-    path = save_results(name, {"messages": args.messages, "task_events": args.task_events,
-                               "celery_task_lines": args.celery_task_lines,
+    path = save_results(name, {"messages": args.messages, "variants": args.variant,
                                "think_ms": args.think_ms, "rows": rows})  # fmt: skip
     print(f"- results: {path.relative_to(path.parent.parent.parent)}")
     return 0
