@@ -305,3 +305,19 @@ def test_a_custom_acquire_takes_the_lock_it_is_given(
     with SessionLocks(redis_client, 30, renewer).hold(keys, acquire) as refused:
         assert not refused.acquired and renewer.holding == 0
     assert redis_client.get(keys.lock) == "holder"
+
+
+def test_an_acquire_that_fails_after_taking_the_lock_frees_it(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    def take_then_fail(token: str, ttl_ms: int) -> bool:
+        redis_client.set(keys.lock, token, nx=True, px=ttl_ms)
+        raise redis.ResponseError("the script's second step failed")
+
+    with (
+        pytest.raises(redis.ResponseError),
+        SessionLocks(redis_client, 30, renewer).hold(keys, take_then_fail),
+    ):
+        pass
+    assert not redis_client.exists(keys.lock)
+    assert renewer.holding == 0

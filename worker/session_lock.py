@@ -175,7 +175,15 @@ class SessionLocks:
         ttl_ms = int(self._ttl * 1000)
         if acquire is None:
             acquire = self._set_if_free(keys)
-        if not acquire(token, ttl_ms):
+        try:
+            taken = acquire(token, ttl_ms)
+        except Exception:
+            # A script that took the lock may fail after that step: free the lock now
+            # rather than leave the session blocked until it expires.
+            with contextlib.suppress(redis.RedisError):
+                self._release(keys=[keys.lock, keys.inbox, keys.processing], args=[token])
+            raise
+        if not taken:
             yield hold
             return
         hold.acquired = True
