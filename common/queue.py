@@ -163,7 +163,7 @@ def make_celery(settings: Settings, main: str = "worker") -> Celery:
             "socket_connect_timeout": settings.redis_socket_timeout,
         },
         broker_connection_retry_on_startup=True,
-        # Task events (received, started, succeeded) cost a worker ~0.9 ms per task
+        # Task events (received, started, succeeded) cost a worker ~0.5 ms per task
         # (BENCHMARKS.md, section 2), so they are sent only once a monitor asks: flower
         # broadcasts `enable_events` at start and every 5 s after. WORKER_TASK_EVENTS
         # sends them always, for monitors that only listen. The webhook's own "sent"
