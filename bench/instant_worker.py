@@ -30,8 +30,8 @@ from celery import current_task
 from celery.signals import task_postrun, task_prerun, task_received
 
 import worker.model
+from bench.variants import lock_then_claim
 from common.inbox import Inbox
-from common.keys import SessionKeys
 from worker.app import SkipRoutineTaskLines, app
 from worker.model import GeneratedReply
 
@@ -86,15 +86,8 @@ def main(argv: Sequence[str]) -> None:
             for found in [f for f in logger.filters if isinstance(f, SkipRoutineTaskLines)]:
                 logger.removeFilter(found)
     if os.environ.get("BENCH_SEPARATE_LOCK_AND_CLAIM") == "1":  # experiment: as before
-        Inbox.lock_and_claim = _lock_then_claim  # type: ignore[method-assign]
+        Inbox.lock_and_claim = lock_then_claim  # type: ignore[method-assign]
     app.worker_main(list(argv))
-
-
-def _lock_then_claim(inbox: Inbox, keys: SessionKeys, token: str, lock_ttl_ms: int) -> Any:
-    """The lock and the claim in two round trips, as before `Inbox.lock_and_claim`."""
-    if not inbox._client.set(keys.lock, token, nx=True, px=lock_ttl_ms):
-        return None
-    return inbox.claim(keys)
 
 
 if __name__ == "__main__":

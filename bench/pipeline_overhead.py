@@ -59,7 +59,7 @@ DEFAULT_WORKERS = ["threads:8", "prefork:2"]  # pool:concurrency
 VARIANTS = {
     "task-events": {"WORKER_TASK_EVENTS": "true"},  # as while flower watches
     "celery-task-lines": {"BENCH_CELERY_TASK_LINES": "1"},  # Celery's received/succeeded lines
-    "separate-lock-and-claim": {"BENCH_SEPARATE_LOCK_AND_CLAIM": "1"},  # two round trips
+    "separate-lock-and-claim": {"BENCH_SEPARATE_LOCK_AND_CLAIM": "1"},  # 3 round trips
 }
 STEPS = [
     "POST -> 202",

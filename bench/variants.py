@@ -2,6 +2,9 @@
 measure what a change bought (by undoing it) without touching production code.
 
     gunicorn -c gunicorn.conf.py 'bench.variants:webhook_with_two_log_lines()'
+
+Worker-side variants are functions the benchmarks patch in (bench.instant_worker,
+bench.reply_round).
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import logging
 
 from flask import Flask, Response
 
+from common.inbox import Inbox, LockedClaim
+from common.keys import SessionKeys
 from webhook import create_app
 
 
@@ -35,3 +40,18 @@ def webhook_with_two_log_lines() -> Flask:
 
     app.after_request(second_line)
     return app
+
+
+def lock_then_claim(
+    inbox: Inbox, keys: SessionKeys, token: str, lock_ttl_ms: int
+) -> LockedClaim | None:
+    """`Inbox.lock_and_claim` in three round trips (SET NX PX, the claim, the history), as
+    the responder took the lock, claimed and loaded before the three became one script."""
+    if not inbox._client.set(keys.lock, token, nx=True, px=lock_ttl_ms):
+        return None
+    batch = inbox.claim(keys)
+    pipe = inbox._client.pipeline(transaction=False)
+    pipe.lrange(keys.messages, 0, -1)
+    pipe.hget(keys.conversation, "conversation_id")
+    history, conversation_id = pipe.execute()
+    return LockedClaim(batch, history, conversation_id)

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 from pydantic import TypeAdapter
 
-from common.inbox import Batch
+from common.inbox import Batch, LockedClaim
 from common.keys import SessionKeys
 from common.messages import Conversation, OutboxEntry, StoredMessage
 from common.settings import Settings
@@ -116,6 +116,11 @@ class ConversationStore:
         pipe.hget(keys.conversation, "conversation_id")
         raw_messages, conversation_id = pipe.execute()
         return StoredConversation(_parse_messages(raw_messages), conversation_id)
+
+    @staticmethod
+    def from_claim(claim: LockedClaim) -> StoredConversation:
+        """The history `Inbox.lock_and_claim` read with its claim, as `load` gives it."""
+        return StoredConversation(_parse_messages(claim.history), claim.conversation_id)
 
     def commit(
         self,

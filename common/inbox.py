@@ -83,12 +83,16 @@ return pending
 # KEYS: inbox, processing   ARGV: session ttl
 _CLAIM = "local inbox, processing, ttl = KEYS[1], KEYS[2], ARGV[1]" + _CLAIM_STEPS
 
-# KEYS: lock, inbox, processing   ARGV: token, lock ttl in ms, session ttl
-# Takes the session's lock (as SessionLocks does) and claims in the same round trip;
-# nil, with nothing claimed, when another worker holds the lock.
+# KEYS: lock, inbox, processing, messages, conversation   ARGV: token, lock ttl in ms,
+# session ttl. Takes the session's lock (as SessionLocks does), claims, and reads the
+# history a reply is built from: one round trip where the lock, the claim and the history
+# took three. nil, with nothing claimed, when another worker holds the lock.
 _LOCK_AND_CLAIM = (
     "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end\n"
-    "local inbox, processing, ttl = KEYS[2], KEYS[3], ARGV[3]" + _CLAIM_STEPS
+    "local inbox, processing, ttl = KEYS[2], KEYS[3], ARGV[3]\n"
+    "local function claim()" + _CLAIM_STEPS + "end\n"
+    "return {claim(), redis.call('LRANGE', KEYS[4], 0, -1),"
+    " redis.call('HGET', KEYS[5], 'conversation_id')}"
 )
 
 AcceptStatus = Literal["queued", "duplicate", "rate_limited", "inbox_full"]
@@ -124,6 +128,15 @@ class Batch:
 
 def _batch(raw: list[str]) -> Batch:
     return Batch(raw=list(raw), messages=[PendingMessage.model_validate_json(i) for i in raw])
+
+
+@dataclass(frozen=True)
+class LockedClaim:
+    """What a round starts from once the lock is taken: the batch and the stored history."""
+
+    batch: Batch
+    history: list[str]  # the session's stored messages, as stored (JSON), oldest first
+    conversation_id: str | None  # None until a first reply was committed
 
 
 class Inbox:
@@ -184,17 +197,18 @@ class Inbox:
         )
         return _batch(raw)
 
-    def lock_and_claim(self, keys: SessionKeys, token: str, lock_ttl_ms: int) -> Batch | None:
-        """Take the session's lock with `token`, then claim: None if the lock is taken.
-
-        One round trip where `SessionLocks` and `claim` take two, for callers that claim
-        as soon as they hold the lock (`SessionLocks.hold(keys, acquire=…)`).
-        """
-        raw = self._lock_and_claim(
-            keys=[keys.lock, keys.inbox, keys.processing],
+    def lock_and_claim(self, keys: SessionKeys, token: str, lock_ttl_ms: int) -> LockedClaim | None:
+        """Take the session's lock with `token`, claim, and read the history: None if the
+        lock is taken. For callers that claim as soon as they hold the lock
+        (`SessionLocks.hold(keys, acquire=…)`)."""
+        found = self._lock_and_claim(
+            keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
             args=[token, lock_ttl_ms, self._settings.session_expire_time],
         )
-        return None if raw is None else _batch(raw)
+        if found is None:
+            return None
+        claimed, history, conversation_id = found
+        return LockedClaim(_batch(claimed), list(history), conversation_id)
 
     def has_pending(self, keys: SessionKeys) -> bool:
         pipe = self._client.pipeline(transaction=False)

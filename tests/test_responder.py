@@ -135,11 +135,11 @@ class ArrivalAfterEmptyClaim(Inbox):
         self._keys, self._late = keys, late
 
     def lock_and_claim(self, keys, token, lock_ttl_ms):  # type: ignore[no-untyped-def]
-        batch = super().lock_and_claim(keys, token, lock_ttl_ms)
-        if batch is not None and not batch and self._late is not None:
+        claim = super().lock_and_claim(keys, token, lock_ttl_ms)
+        if claim is not None and not claim.batch and self._late is not None:
             assert not self.accept(self._keys, self._late).needs_task  # the lock is held
             self._late = None
-        return batch
+        return claim
 
 
 def test_a_holder_that_claimed_nothing_still_looks_again(setup):

@@ -64,10 +64,10 @@ def test_lock_and_claim_claims_only_when_it_takes_the_lock(parts, redis_client):
     for n in range(2):
         inbox.accept(keys, pending(n))
 
-    batch = inbox.lock_and_claim(keys, "token-a", 30_000)
+    claim = inbox.lock_and_claim(keys, "token-a", 30_000)
 
-    assert batch is not None
-    assert [m.message_id for m in batch.messages] == ["m0", "m1"]
+    assert claim is not None
+    assert [m.message_id for m in claim.batch.messages] == ["m0", "m1"]
     assert redis_client.get(keys.lock) == "token-a"
     assert 29_000 < redis_client.pttl(keys.lock) <= 30_000
     assert redis_client.llen(keys.processing) == 2
@@ -79,6 +79,29 @@ def test_lock_and_claim_claims_only_when_it_takes_the_lock(parts, redis_client):
     assert redis_client.llen(keys.processing) == 2
 
 
+def test_lock_and_claim_reads_the_history_as_load_does(parts, redis_client):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    assert answer(store, keys, inbox.claim(keys), reply="hello") is True
+    inbox.accept(keys, pending(1))
+
+    claim = inbox.lock_and_claim(keys, "token", 30_000)
+
+    assert claim is not None and [m.message_id for m in claim.batch.messages] == ["m1"]
+    assert ConversationStore.from_claim(claim) == store.load(keys)
+    assert claim.conversation_id == "conv_+59170000001_1700000000"
+    assert [m.content for m in store.load(keys).turns] == ["text 0", "hello"]
+
+
+def test_lock_and_claim_of_a_new_session_has_no_history(parts):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    claim = inbox.lock_and_claim(keys, "token", 30_000)
+    assert claim is not None
+    assert (claim.history, claim.conversation_id) == ([], None)
+    assert ConversationStore.from_claim(claim) == store.load(keys)
+
+
 def test_lock_and_claim_hands_back_an_unanswered_claim_first(parts, redis_client):
     keys, inbox, _ = parts
     inbox.accept(keys, pending(0))
@@ -87,14 +110,14 @@ def test_lock_and_claim_hands_back_an_unanswered_claim_first(parts, redis_client
 
     again = inbox.lock_and_claim(keys, "token", 30_000)
 
-    assert again is not None and again.raw == first.raw
+    assert again is not None and again.batch.raw == first.raw
     assert redis_client.llen(keys.inbox) == 1
 
 
 def test_lock_and_claim_with_nothing_pending_still_takes_the_lock(parts, redis_client):
     keys, inbox, _ = parts
-    batch = inbox.lock_and_claim(keys, "token", 30_000)
-    assert batch is not None and not batch
+    claim = inbox.lock_and_claim(keys, "token", 30_000)
+    assert claim is not None and not claim.batch
     assert redis_client.get(keys.lock) == "token"
 
 

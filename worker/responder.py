@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import redis
 
 from common.conversation_store import ConversationStore, StoredConversation, new_conversation_id
-from common.inbox import Batch, Inbox
+from common.inbox import Batch, Inbox, LockedClaim
 from common.keys import SessionKeys, session_keys
 from common.messages import (
     CallbackPayload,
@@ -70,15 +70,15 @@ def _iso(epoch: float) -> str:
 
 @dataclass
 class _ClaimOnAcquire:
-    """An `Acquire` for `SessionLocks.hold` that also claims; keeps what it claimed."""
+    """An `Acquire` for `SessionLocks.hold` that also claims and reads the history."""
 
     inbox: Inbox
     keys: SessionKeys
-    batch: Batch | None = None
+    claim: LockedClaim | None = None
 
     def __call__(self, token: str, ttl_ms: int) -> bool:
-        self.batch = self.inbox.lock_and_claim(self.keys, token, ttl_ms)
-        return self.batch is not None
+        self.claim = self.inbox.lock_and_claim(self.keys, token, ttl_ms)
+        return self.claim is not None
 
 
 @dataclass
@@ -104,15 +104,16 @@ class Responder:
             with self.locks.hold(keys, acquire) as hold:
                 if not hold.acquired:
                     return replies  # the holder will see our messages after it releases
-                if claim.batch is None:
+                if claim.claim is None:
                     wait = self._debounce_wait(keys)
                     if wait > 0:
                         self.requeue(session_id, wait)
                         return replies
-                    claim.batch = self.inbox.claim(keys)
-                batch = claim.batch
+                    batch = self.inbox.claim(keys)
+                else:
+                    batch = claim.claim.batch
                 if batch:
-                    self._answer_batch(session_id, keys, batch)
+                    self._answer_batch(session_id, keys, batch, claim.claim)
                     replies += 1
             # Messages accepted while we held the lock got no task of their own (the
             # webhook leaves them to the holder), so look again whatever this round found:
@@ -176,9 +177,17 @@ class Responder:
             REPLIES.labels("fixed").inc()
         return trim_reply(text, s.max_reply_chars), after_reset
 
-    def _answer_batch(self, session_id: str, keys: SessionKeys, batch: Batch) -> None:
+    def _answer_batch(
+        self, session_id: str, keys: SessionKeys, batch: Batch, claim: LockedClaim | None
+    ) -> None:
+        """`claim`: the history read with the batch, if it was (else it is loaded here)."""
         fresh = any(m.kind == "reset" for m in batch.messages)
-        history = None if fresh else self.store.load(keys)
+        if fresh:
+            history = None
+        elif claim is not None:
+            history = ConversationStore.from_claim(claim)
+        else:
+            history = self.store.load(keys)
         reply_text, kept = self._reply_text(history, batch)
         now = utc_now_iso()
         ids = [m.message_id for m in batch.messages]
