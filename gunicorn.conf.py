@@ -4,6 +4,7 @@ Binds to $PORT (default 8000) with $WEB_CONCURRENCY sync workers (default 2), an
 the shared metrics directory in the master so every worker's counters reach `/metrics`.
 """
 
+import gc
 import os
 
 from common.metrics_setup import prepare_multiprocess_dir
@@ -20,6 +21,14 @@ accesslog = None
 
 def on_starting(server):
     prepare_multiprocess_dir("webhook")
+
+
+def post_worker_init(worker):
+    # The app is loaded: keep its ~66k start-up objects out of the garbage collector's
+    # full passes, which otherwise stop the worker for ~28 ms each, long enough to leave
+    # a queue behind at high load (BENCHMARKS.md, section 1).
+    gc.collect()
+    gc.freeze()
 
 
 def child_exit(server, worker):

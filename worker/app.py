@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from typing import Any
@@ -53,6 +54,16 @@ def _load_model() -> None:
     from worker.model import get_model
 
     get_model()
+    freeze_startup_objects()
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up built (Celery, the model, transformers: ~250k objects) out of
+    the garbage collector's full passes. Each would otherwise scan them all and stop every
+    thread of the process for ~130 ms (BENCHMARKS.md, section 2); after the freeze a full
+    pass looks only at what tasks created since."""
+    gc.collect()
+    gc.freeze()
 
 
 @worker_process_init.connect
@@ -80,6 +91,7 @@ def _start_worker(sender: Any = None, **_: Any) -> None:
     pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" in str(pool_name):
         _share_cores_among_children(int(getattr(sender, "concurrency", 1) or 1))
+        freeze_startup_objects()  # before the fork: children share these pages untouched
     else:
         _load_model()
 
