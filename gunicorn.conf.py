@@ -25,8 +25,8 @@ def on_starting(server):
 
 def post_worker_init(worker):
     # The app is loaded: keep its ~66k start-up objects out of the garbage collector's
-    # full passes, which otherwise stop the worker for ~28 ms each, long enough to leave
-    # a queue behind at high load (BENCHMARKS.md, section 1).
+    # full passes, which otherwise stop the worker for ~30 ms each, long enough to leave
+    # a queue behind at high load (python -m bench.gc_pauses).
     gc.collect()
     gc.freeze()
 

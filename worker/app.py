@@ -58,10 +58,10 @@ def _load_model() -> None:
 
 
 def freeze_startup_objects() -> None:
-    """Keep what start-up built (Celery, the model, transformers: ~250k objects) out of
-    the garbage collector's full passes. Each would otherwise scan them all and stop every
-    thread of the process for ~130 ms (BENCHMARKS.md, section 2); after the freeze a full
-    pass looks only at what tasks created since."""
+    """Keep what start-up built (Celery, the model, transformers: 250-400k objects) out
+    of the garbage collector's full passes. Each would otherwise scan them all and stop
+    every thread of the process for 130-230 ms (python -m bench.gc_pauses); after the
+    freeze a full pass looks only at what tasks created since."""
     gc.collect()
     gc.freeze()
 

@@ -98,22 +98,22 @@ class Responder:
         keys = session_keys(self.settings.key_prefix, session_id)
         replies = 0
         for _ in range(MAX_ROUNDS_PER_TASK):
-            claim = _ClaimOnAcquire(self.inbox, keys)
+            claiming = _ClaimOnAcquire(self.inbox, keys)
             # Without debounce there is nothing to decide between lock and claim: one step.
-            acquire = claim if self.settings.debounce_seconds <= 0 else None
+            acquire = claiming if self.settings.debounce_seconds <= 0 else None
             with self.locks.hold(keys, acquire) as hold:
                 if not hold.acquired:
                     return replies  # the holder will see our messages after it releases
-                if claim.claim is None:
+                if claiming.claim is None:
                     wait = self._debounce_wait(keys)
                     if wait > 0:
                         self.requeue(session_id, wait)
                         return replies
                     batch = self.inbox.claim(keys)
                 else:
-                    batch = claim.claim.batch
+                    batch = claiming.claim.batch
                 if batch:
-                    self._answer_batch(session_id, keys, batch, claim.claim)
+                    self._answer_batch(session_id, keys, batch, claiming.claim)
                     replies += 1
             # Messages accepted while we held the lock got no task of their own (the
             # webhook leaves them to the holder), so look again whatever this round found:
