@@ -4,9 +4,9 @@ Binds to $PORT (default 8000) with $WEB_CONCURRENCY sync workers (default 2), an
 the shared metrics directory in the master so every worker's counters reach `/metrics`.
 """
 
-import gc
 import os
 
+from common.heap import freeze_startup_objects
 from common.metrics_setup import prepare_multiprocess_dir
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -24,11 +24,9 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    # The app is loaded: keep its ~66k start-up objects out of the garbage collector's
-    # full passes, which otherwise stop the worker for ~30 ms each, long enough to leave
-    # a queue behind at high load (python -m bench.gc_pauses).
-    gc.collect()
-    gc.freeze()
+    # The app is loaded: a full garbage collection scanning it would stop the worker for
+    # ~30 ms, long enough to leave a queue behind at high load (common.heap).
+    freeze_startup_objects()
 
 
 def child_exit(server, worker):

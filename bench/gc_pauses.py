@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from bench.harness import (
     markdown_table,
     save_results,
 )
+from common.heap import freeze_startup_objects
 
 
 def full_pass_ms() -> list[float]:
@@ -74,8 +74,7 @@ def child(kind: str, requests: int) -> dict[str, Any]:
 
         runtime.responder()
         get_model()  # what worker.app's start-up hooks load, before they freeze
-        # The module (the package's `app` attribute is the Celery app it defines).
-        freeze = importlib.import_module("worker.app").freeze_startup_objects
+        freeze = freeze_startup_objects  # as worker.app's start-up hooks call it
     result: dict[str, Any] = {"objects": len(gc.get_objects()), "before_ms": full_pass_ms()}
     freeze()
     result["frozen"] = gc.get_freeze_count()

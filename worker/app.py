@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from celery.app import trace
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
+from common.heap import freeze_startup_objects
 from common.logging_setup import configure_logging
 from common.metrics_setup import ensure_multiprocess_dir
 from common.queue import make_celery
@@ -55,15 +55,6 @@ def _load_model() -> None:
 
     get_model()
     freeze_startup_objects()
-
-
-def freeze_startup_objects() -> None:
-    """Keep what start-up built (Celery, the model, transformers: 250-400k objects) out
-    of the garbage collector's full passes. Each would otherwise scan them all and stop
-    every thread of the process for 130-230 ms (python -m bench.gc_pauses); after the
-    freeze a full pass looks only at what tasks created since."""
-    gc.collect()
-    gc.freeze()
 
 
 @worker_process_init.connect

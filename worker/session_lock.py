@@ -173,15 +173,16 @@ class SessionLocks:
         hold = Hold()
         token = secrets.token_hex(16)
         ttl_ms = int(self._ttl * 1000)
-        if acquire is None:
-            acquire = self._set_if_free(keys)
         try:
-            taken = acquire(token, ttl_ms)
+            if acquire is None:
+                taken = bool(self._client.set(keys.lock, token, nx=True, px=ttl_ms))
+            else:
+                taken = acquire(token, ttl_ms)
         except Exception:
             # A script that took the lock may fail after that step: free the lock now
             # rather than leave the session blocked until it expires.
             with contextlib.suppress(redis.RedisError):
-                self._release(keys=[keys.lock, keys.inbox, keys.processing], args=[token])
+                self._release_and_count(keys, token)
             raise
         if not taken:
             yield hold
@@ -195,14 +196,13 @@ class SessionLocks:
         finally:
             self._renewer.drop(handle)
             try:
-                ours, waiting = self._release(
-                    keys=[keys.lock, keys.inbox, keys.processing], args=[token]
-                )
-                hold.waiting = int(waiting)
+                ours, hold.waiting = self._release_and_count(keys, token)
                 if not ours:
                     log.warning("session lock expired before release")
             except redis.RedisError as exc:
                 log.warning("session lock release failed (it will expire): %s", exc)
 
-    def _set_if_free(self, keys: SessionKeys) -> Acquire:
-        return lambda token, ttl_ms: bool(self._client.set(keys.lock, token, nx=True, px=ttl_ms))
+    def _release_and_count(self, keys: SessionKeys, token: str) -> tuple[bool, int]:
+        """Delete the lock if `token` still holds it; (whether it did, messages waiting)."""
+        ours, waiting = self._release(keys=[keys.lock, keys.inbox, keys.processing], args=[token])
+        return bool(ours), int(waiting)
