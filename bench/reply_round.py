@@ -20,15 +20,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 
 from bench.harness import Run, callback_receiver, conditions, markdown_table, save_results
-from bench.variants import lock_then_claim
-from common.inbox import Inbox
-from common.keys import session_keys
+from bench.variants import lock_and_claim_history_as_list, lock_then_claim
+from common.inbox import Inbox, LockedClaim
+from common.keys import SessionKeys, session_keys
 from common.messages import PendingMessage
 from common.settings import get_settings
 
 REPLY = "Claro, te ayudo con eso."
+LockAndClaim = Callable[[Inbox, SessionKeys, str, int], LockedClaim | None]
 
 
 @contextmanager
@@ -37,10 +39,9 @@ def as_is() -> Iterator[None]:
 
 
 @contextmanager
-def separate_lock_and_claim() -> Iterator[None]:
-    """Lock, claim and history in three round trips, as before `Inbox.lock_and_claim`."""
+def lock_and_claim_replaced_by(function: LockAndClaim) -> Iterator[None]:
     original = Inbox.lock_and_claim
-    Inbox.lock_and_claim = lock_then_claim  # type: ignore[method-assign]
+    Inbox.lock_and_claim = function  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -49,7 +50,12 @@ def separate_lock_and_claim() -> Iterator[None]:
 
 VARIANTS: dict[str, Callable[[], contextmanager]] = {  # type: ignore[type-arg]
     "as is": as_is,
-    "lock, claim and history in three round trips (before)": separate_lock_and_claim,
+    "history read as one reply item per message (before)": partial(
+        lock_and_claim_replaced_by, lock_and_claim_history_as_list
+    ),
+    "lock, claim and history in three round trips (before)": partial(
+        lock_and_claim_replaced_by, lock_then_claim
+    ),
 }
 
 

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response
+from redis.commands.core import Script
 
-from common.inbox import Inbox, LockedClaim
+from common import inbox as inbox_module
+from common.conversation_store import history_json
+from common.inbox import Inbox, LockedClaim, _batch
 from common.keys import SessionKeys
 from webhook import create_app
 
@@ -54,4 +57,33 @@ def lock_then_claim(
     pipe.lrange(keys.messages, 0, -1)
     pipe.hget(keys.conversation, "conversation_id")
     history, conversation_id = pipe.execute()
-    return LockedClaim(batch, history, conversation_id)
+    return LockedClaim(batch, history_json(history), conversation_id)
+
+
+# `common.inbox._LOCK_AND_CLAIM` as it was before it joined the history into one string.
+_LOCK_AND_CLAIM_HISTORY_AS_LIST = inbox_module._LOCK_AND_CLAIM.replace(
+    "local history = '[' .. table.concat(redis.call('LRANGE', KEYS[4], 0, -1), ',') .. ']'",
+    "local history = redis.call('LRANGE', KEYS[4], 0, -1)",
+)
+assert _LOCK_AND_CLAIM_HISTORY_AS_LIST != inbox_module._LOCK_AND_CLAIM, "script changed: update"
+_registered: dict[int, Script] = {}
+
+
+def lock_and_claim_history_as_list(
+    inbox: Inbox, keys: SessionKeys, token: str, lock_ttl_ms: int
+) -> LockedClaim | None:
+    """`Inbox.lock_and_claim` with the history read as one reply item per stored message,
+    which redis-py parses and decodes one by one, joined in Python as before."""
+    script = _registered.get(id(inbox))
+    if script is None:
+        script = _registered[id(inbox)] = inbox._client.register_script(
+            _LOCK_AND_CLAIM_HISTORY_AS_LIST
+        )
+    found = script(
+        keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
+        args=[token, lock_ttl_ms, inbox._settings.session_expire_time],
+    )
+    if found is None:
+        return None
+    claimed, history, conversation_id = found
+    return LockedClaim(_batch(claimed), history_json(history), conversation_id)

@@ -86,9 +86,14 @@ def new_conversation_id(user_id: str, created_epoch: int) -> str:
     return f"conv_{user_id}_{created_epoch}"
 
 
+def history_json(raw_messages: Sequence[str]) -> str:
+    """Stored messages (each JSON) as the one JSON array `Inbox.lock_and_claim` returns."""
+    return "[" + ",".join(raw_messages) + "]"
+
+
 def _parse_messages(raw_messages: list[str]) -> list[StoredMessage]:
     # One validation call for the whole list: faster than one per message.
-    return _MESSAGES.validate_json("[" + ",".join(raw_messages) + "]")
+    return _MESSAGES.validate_json(history_json(raw_messages))
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,9 @@ class ConversationStore:
     @staticmethod
     def from_claim(claim: LockedClaim) -> StoredConversation:
         """The history `Inbox.lock_and_claim` read with its claim, as `load` gives it."""
-        return StoredConversation(_parse_messages(claim.history), claim.conversation_id)
+        return StoredConversation(
+            _MESSAGES.validate_json(claim.history_json), claim.conversation_id
+        )
 
     def commit(
         self,

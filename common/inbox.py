@@ -86,12 +86,15 @@ _CLAIM = "local inbox, processing, ttl = KEYS[1], KEYS[2], ARGV[1]" + _CLAIM_STE
 # KEYS: lock, inbox, processing, messages, conversation   ARGV: token, lock ttl in ms,
 # session ttl. Takes the session's lock (as SessionLocks does), claims, and reads the
 # history a reply is built from: one round trip where the lock, the claim and the history
-# took three. nil, with nothing claimed, when another worker holds the lock.
+# took three. nil, with nothing claimed, when another worker holds the lock. The history
+# comes back as one JSON array (its items are JSON already): one reply string to read
+# instead of up to MAX_HISTORY_MESSAGES, which redis-py would parse one by one.
 _LOCK_AND_CLAIM = (
     "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end\n"
     "local inbox, processing, ttl = KEYS[2], KEYS[3], ARGV[3]\n"
     "local function claim()" + _CLAIM_STEPS + "end\n"
-    "return {claim(), redis.call('LRANGE', KEYS[4], 0, -1),"
+    "local history = '[' .. table.concat(redis.call('LRANGE', KEYS[4], 0, -1), ',') .. ']'\n"
+    "return {claim(), history,"
     " redis.call('HGET', KEYS[5], 'conversation_id')}"
 )
 
@@ -135,7 +138,7 @@ class LockedClaim:
     """What a round starts from once the lock is taken: the batch and the stored history."""
 
     batch: Batch
-    history: list[str]  # the session's stored messages, as stored (JSON), oldest first
+    history_json: str  # the session's stored messages as one JSON array, oldest first
     conversation_id: str | None  # None until a first reply was committed
 
 
@@ -207,8 +210,8 @@ class Inbox:
         )
         if found is None:
             return None
-        claimed, history, conversation_id = found
-        return LockedClaim(_batch(claimed), list(history), conversation_id)
+        claimed, history_json, conversation_id = found
+        return LockedClaim(_batch(claimed), history_json, conversation_id)
 
     def has_pending(self, keys: SessionKeys) -> bool:
         pipe = self._client.pipeline(transaction=False)

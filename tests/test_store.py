@@ -98,7 +98,7 @@ def test_lock_and_claim_of_a_new_session_has_no_history(parts):
     inbox.accept(keys, pending(0))
     claim = inbox.lock_and_claim(keys, "token", 30_000)
     assert claim is not None
-    assert (claim.history, claim.conversation_id) == ([], None)
+    assert (claim.history_json, claim.conversation_id) == ("[]", None)
     assert ConversationStore.from_claim(claim) == store.load(keys)
 
 
