@@ -12,7 +12,8 @@ session) and `postrun` (the task returned: reply delivered, lock released).
 
 With BENCH_CELERY_TASK_LINES=1 or BENCH_SEPARATE_LOCK_AND_CLAIM=1 the worker undoes one
 of the changes BENCHMARKS.md measures (`bench.pipeline_overhead --variant`), in this
-process only.
+process only. BENCH_KOMBU_TRANSPORT=1 does so for `common.broker`
+(`bench.task_overhead --variant`).
 
     python -m bench.instant_worker worker --pool threads --concurrency 8
 """
@@ -87,6 +88,8 @@ def main(argv: Sequence[str]) -> None:
                 logger.removeFilter(found)
     if os.environ.get("BENCH_SEPARATE_LOCK_AND_CLAIM") == "1":  # experiment: as before
         Inbox.lock_and_claim = lock_then_claim  # type: ignore[method-assign]
+    if os.environ.get("BENCH_KOMBU_TRANSPORT") == "1":  # experiment: kombu's own, as before
+        app.conf.broker_transport = None
     app.worker_main(list(argv))
 
 

@@ -13,7 +13,8 @@ Target: p50 <= 15 ms, p99 <= 50 ms at 8 concurrent conversations.
 
     python -m bench.pipeline_overhead [--messages 300] [--conversations 1 8 32]
         [--workers threads:8 prefork:2] [--think-ms 0]
-        [--variant task-events celery-task-lines separate-lock-and-claim] [--profile]
+        [--variant task-events celery-task-lines separate-lock-and-claim kombu-transport]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ VARIANTS = {
     "task-events": {"WORKER_TASK_EVENTS": "true"},  # as while flower watches
     "celery-task-lines": {"BENCH_CELERY_TASK_LINES": "1"},  # Celery's received/succeeded lines
     "separate-lock-and-claim": {"BENCH_SEPARATE_LOCK_AND_CLAIM": "1"},  # 3 round trips
+    "kombu-transport": {"BENCH_KOMBU_TRANSPORT": "1"},  # a client object per ack (before)
 }
 STEPS = [
     "POST -> 202",

@@ -23,6 +23,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from common.broker import transport_for
 from common.privacy import mask_task_args, mask_task_kwargs
 from common.settings import Settings
 
@@ -136,6 +137,7 @@ def make_celery(settings: Settings, main: str = "worker") -> Celery:
     app = Celery(main, task_cls=MaskedArgsTask)
     app.conf.update(
         broker_url=settings.effective_broker_url,
+        broker_transport=transport_for(settings.effective_broker_url),
         # Replies travel by callback; task results would only fill Redis.
         result_backend=None,
         task_ignore_result=True,
