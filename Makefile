@@ -47,12 +47,13 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: bench bench-generation
-bench: setup redis  ## benchmarks of webhook, pipeline, memory and callbacks (see BENCHMARKS.md)
+bench: setup redis  ## benchmarks of webhook, pipeline, memory, callbacks and tasks (BENCHMARKS.md)
 	$(BIN)/python -m bench.webhook_throughput
 	$(BIN)/python -m bench.pipeline_overhead
 	$(BIN)/python -m bench.pipeline_overhead --conversations 8 --think-ms 50
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.callback_client
+	$(BIN)/python -m bench.task_overhead
 
 bench-generation: setup  ## naive against batched generation, DialoGPT shapes (~20 min)
 	$(BIN)/python -m bench.generation --shapes small medium --dtype float32 bfloat16
