@@ -20,6 +20,7 @@ process only. BENCH_KOMBU_TRANSPORT=1 does so for `common.broker`
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -81,6 +82,9 @@ def _postrun(task_id: str | None = None, args: Any = None, **_: Any) -> None:
 
 def main(argv: Sequence[str]) -> None:
     worker.model._model = InstantModel()  # type: ignore[assignment]
+    # No model files to look for before a prefork worker forks: the children inherit this.
+    # (The module by name: the `worker` package's `app` attribute is the Celery app.)
+    importlib.import_module("worker.app")._check_model_files = lambda: None
     if os.environ.get("BENCH_CELERY_TASK_LINES") == "1":  # experiment: undo worker.app's filter
         for name in ("celery.worker.strategy", "celery.app.trace"):
             logger = logging.getLogger(name)

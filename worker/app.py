@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, NoReturn
 
 from celery.app import trace
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
@@ -50,11 +50,38 @@ app.conf.include = ["worker.tasks"]
 app.steps["worker"].update({Heartbeat, RecoverySweep})
 
 
+# The worker's exit status when it cannot load its model (see `_stop_without_model`).
+EXIT_NO_MODEL = 3
+
+
+def _stop_without_model(exc: Exception) -> NoReturn:
+    """A worker without its model would still look healthy (heartbeat, flower, /ready)
+    while every reply task failed and was retried; stop it with a clear line instead."""
+    log.critical("cannot load MODEL_NAME=%r, stopping the worker: %s", settings.model_name, exc)
+    raise SystemExit(EXIT_NO_MODEL) from exc
+
+
 def _load_model() -> None:
     from worker.model import get_model
 
-    get_model()
+    try:
+        get_model()
+    except Exception as exc:
+        _stop_without_model(exc)
     freeze_startup_objects()
+
+
+def _check_model_files() -> None:
+    """Prefork parent: a prefork child that cannot load the model exits and is replaced,
+    in a loop, so find the model's files before forking (a wrong MODEL_NAME, a hub out of
+    reach). Only the config, and without importing torch: each child must import it
+    after the fork, with its share of the cores."""
+    from transformers.utils import cached_file
+
+    try:
+        cached_file(settings.model_name, "config.json")
+    except Exception as exc:
+        _stop_without_model(exc)
 
 
 @worker_process_init.connect
@@ -81,6 +108,7 @@ def _start_worker(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool_cls", None)
     pool_name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" in str(pool_name):
+        _check_model_files()
         _share_cores_among_children(int(getattr(sender, "concurrency", 1) or 1))
         freeze_startup_objects()  # before the fork: children share these pages untouched
     else:
