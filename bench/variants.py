@@ -9,14 +9,14 @@ bench.reply_round).
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from flask import Flask, Response
-from redis.commands.core import Script
 
 from common import inbox as inbox_module
 from common.conversation_store import history_json
-from common.inbox import Inbox, LockedClaim, _batch
+from common.inbox import Inbox, LockedClaim
 from common.keys import SessionKeys
 from webhook import create_app
 
@@ -66,24 +66,23 @@ _LOCK_AND_CLAIM_HISTORY_AS_LIST = inbox_module._LOCK_AND_CLAIM.replace(
     "local history = redis.call('LRANGE', KEYS[4], 0, -1)",
 )
 assert _LOCK_AND_CLAIM_HISTORY_AS_LIST != inbox_module._LOCK_AND_CLAIM, "script changed: update"
-_registered: dict[int, Script] = {}
+_as_before: dict[int, Inbox] = {}
+_lock_and_claim = Inbox.lock_and_claim  # as imported: the reply_round variants patch it
 
 
 def lock_and_claim_history_as_list(
     inbox: Inbox, keys: SessionKeys, token: str, lock_ttl_ms: int
 ) -> LockedClaim | None:
-    """`Inbox.lock_and_claim` with the history read as one reply item per stored message,
-    which redis-py parses and decodes one by one, joined in Python as before."""
-    script = _registered.get(id(inbox))
-    if script is None:
-        script = _registered[id(inbox)] = inbox._client.register_script(
-            _LOCK_AND_CLAIM_HISTORY_AS_LIST
-        )
-    found = script(
-        keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
-        args=[token, lock_ttl_ms, inbox._settings.session_expire_time],
-    )
-    if found is None:
-        return None
-    claimed, history, conversation_id = found
-    return LockedClaim(_batch(claimed), history_json(history), conversation_id)
+    """`Inbox.lock_and_claim` running that script: redis-py parses and decodes the history
+    one item per stored message, and Python joins them, as before."""
+    before = _as_before.get(id(inbox))
+    if before is None:
+        as_list = inbox._client.register_script(_LOCK_AND_CLAIM_HISTORY_AS_LIST)
+
+        def joined(keys: list[str], args: list[object]) -> list[object] | None:
+            found = as_list(keys=keys, args=args)
+            return found and [found[0], history_json(found[1]), found[2]]
+
+        before = _as_before[id(inbox)] = copy.copy(inbox)
+        before._lock_and_claim = joined  # type: ignore[assignment]
+    return _lock_and_claim(before, keys, token, lock_ttl_ms)
