@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
+from unittest import mock
 
+import redis
 from flask import Flask, Response
 
 from common import inbox as inbox_module
@@ -86,3 +89,24 @@ def lock_and_claim_history_as_list(
         before = _as_before[id(inbox)] = copy.copy(inbox)
         before._lock_and_claim = joined  # type: ignore[assignment]
     return _lock_and_claim(before, keys, token, lock_ttl_ms)
+
+
+def webhook_with_python_redis_parser() -> Flask:
+    """The webhook with redis-py's pure-Python protocol code, as when hiredis is not
+    installed (before requirements.txt asked for `redis[hiredis]`): hiredis both parses
+    replies and packs commands when it is there."""
+    from redis._parsers import _RESP2Parser
+    from redis.connection import PythonRespSerializer
+
+    class PythonConnection(redis.Connection):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(parser_class=_RESP2Parser, **kwargs)
+            self._command_packer = PythonRespSerializer(self._buffer_cutoff, self.encoder.encode)
+
+    from_url = redis.Redis.from_url
+
+    def python_protocol(url: str, **kwargs: Any) -> redis.Redis:
+        return from_url(url, connection_class=PythonConnection, **kwargs)
+
+    with mock.patch.object(redis.Redis, "from_url", python_protocol):
+        return create_app()

@@ -1,7 +1,8 @@
 """One log format for both processes, set up once.
 
-JSON lines (one object per line: time, level, logger, event, pid, and the Celery task id
-inside a task) for log shippers in production; a readable line in development.
+JSON lines (one object per line: time, level, logger, event, pid, and in the worker the
+Celery task id inside a task) for log shippers in production; a readable line in
+development.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def _task_id() -> str | None:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, task_ids: bool = False) -> None:
+        super().__init__()
+        self._task_ids = task_ids  # the webhook runs no tasks: no lookup on its every line
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -32,20 +37,26 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
             "pid": record.process,
         }
-        if (task_id := _task_id()) is not None:
+        if self._task_ids and (task_id := _task_id()) is not None:
             entry["task_id"] = task_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, fmt: Literal["json", "text"] = "text") -> None:
-    """Idempotent: gunicorn workers and Celery children may call it more than once."""
+def configure_logging(
+    level: str, fmt: Literal["json", "text"] = "text", *, task_ids: bool = False
+) -> None:
+    """Idempotent: gunicorn workers and Celery children may call it more than once.
+
+    `task_ids`: JSON lines name the Celery task they were written in (the worker).
+    """
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, "_whatsapp_reply", False)), None)
     if handler is None:
         handler = logging.StreamHandler()
         handler._whatsapp_reply = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT_FORMAT))
+    formatter = JsonFormatter(task_ids) if fmt == "json" else logging.Formatter(_TEXT_FORMAT)
+    handler.setFormatter(formatter)
     root.setLevel(level)

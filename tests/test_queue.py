@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 from common.inbox import Inbox, QueuedTask
 from common.keys import session_keys
 from common.messages import PendingMessage
-from common.queue import REPLY_TASK, ReplyTaskMessages, make_celery, send_reply_task
+from common.privacy import mask_phone
+from common.queue import (
+    REPLY_TASK,
+    ReplyTaskMessages,
+    _random_uuid,
+    make_celery,
+    send_reply_task,
+)
 
 SESSION = "+59170000002"
 # Fields that differ between any two messages (ids, tags) or only say who sent it.
@@ -101,3 +109,18 @@ def test_task_events_wait_for_a_monitor_unless_asked_for(make_settings):
     assert make_celery(make_settings()).conf.worker_send_task_events is False
     always = make_celery(make_settings(worker_task_events=True))
     assert always.conf.worker_send_task_events is True
+
+
+def test_a_session_id_json_must_escape_reaches_the_task_intact(settings):
+    session = 'wa"\\ses\u00f1ión/1'
+    built = json.loads(ReplyTaskMessages(make_celery(settings, main="webhook")).build(session))
+    assert json.loads(base64.b64decode(built["body"]))[0] == [session]
+    assert built["headers"]["argsrepr"] == repr([mask_phone(session)])
+
+
+def test_task_ids_are_version_4_uuids():
+    ids = {_random_uuid() for _ in range(200)}
+    assert len(ids) == 200
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)

@@ -16,7 +16,7 @@ from common.queue import make_celery
 from common.settings import get_settings
 
 settings = get_settings()
-configure_logging(settings.log_level, settings.effective_log_format)
+configure_logging(settings.log_level, settings.effective_log_format, task_ids=True)
 if settings.worker_metrics_port:
     ensure_multiprocess_dir("worker")  # before anything imports prometheus_client
 
