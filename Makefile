@@ -47,13 +47,15 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
 
 .PHONY: bench bench-generation
-bench: setup redis  ## benchmarks of webhook, pipeline, memory, callbacks and tasks (BENCHMARKS.md)
+bench: setup redis  ## benchmarks of webhook, pipeline, memory, callbacks, tasks, instructions (BENCHMARKS.md)
 	$(BIN)/python -m bench.webhook_throughput
 	$(BIN)/python -m bench.pipeline_overhead
 	$(BIN)/python -m bench.pipeline_overhead --conversations 8 --think-ms 50
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.callback_client
 	$(BIN)/python -m bench.task_overhead
+	@if command -v valgrind >/dev/null; then $(BIN)/python -m bench.instructions --variant python-redis-parser; \
+	else echo "bench.instructions skipped: valgrind is not installed (apt-get install valgrind)"; fi
 
 bench-generation: setup  ## naive against batched generation, DialoGPT shapes (~20 min)
 	$(BIN)/python -m bench.generation --shapes small medium --dtype float32 bfloat16

@@ -1,5 +1,5 @@
-"""Instructions per webhook request, counted by valgrind: a figure the machine's speed
-does not move.
+"""Instructions per webhook request and per worker reply round, counted by valgrind: a
+figure the machine's speed does not move.
 
 Requests/s on these 2 shared cores drift by 20% between runs minutes apart, and the
 machine itself changes between sessions (BENCHMARKS.md, Machine), which hides any change
@@ -11,15 +11,24 @@ count covers that Python process only: not Redis, not the kernel's side of syste
 and not gunicorn's HTTP handling (the same for both apps). It is what the app itself
 costs per request, the part a change to the app can move.
 
-Each target runs twice under callgrind, with `--warmup` requests and with `--warmup` plus
-`--requests`; the difference over `--requests` leaves out start-up and first-request work.
+The worker's reply round is counted the same way: `Responder.answer` in-process, as
+`bench.reply_round` times it (the responder a worker process builds, an instant model,
+full histories, signed callbacks to a receiver, here in the parent process so that its
+instructions are not counted). Each round needs a message accepted first; a second pair
+of runs accepts the same messages without answering them, and its count is subtracted.
+
+Each count comes from two runs under callgrind, one with `--warmup` requests (or rounds)
+and one with `--warmup` plus `--requests`; the difference over `--requests` leaves out
+start-up and first-request work.
 
     python -m bench.instructions [--requests 200] [--variant python-redis-parser]
+                                 [--skip-worker]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import os
@@ -31,13 +40,25 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.harness import APPS, PYTHON, ROOT, WEBHOOK_TOKEN, Run, markdown_table, save_results
+from bench.harness import (
+    APPS,
+    PYTHON,
+    ROOT,
+    WEBHOOK_TOKEN,
+    Run,
+    callback_receiver,
+    markdown_table,
+    save_results,
+)
 from bench.loadgen import BODY
+from bench.variants import python_redis_protocol
 
-# Webhook variants (gunicorn app specs) to count beside the two apps, by --variant name.
+# Variants to count beside the code as it is, by --variant name: the webhook's as gunicorn
+# app specs, the worker's as context managers its responder is built in.
 VARIANTS = {
     "python-redis-parser": "bench.variants:webhook_with_python_redis_parser()",
 }
+WORKER_VARIANTS = {"python-redis-parser": python_redis_protocol}
 
 
 def _environ(body: bytes) -> dict[str, Any]:
@@ -63,15 +84,19 @@ def _environ(body: bytes) -> dict[str, Any]:
     }
 
 
+def _log_to_nowhere() -> None:
+    """Log lines are formatted and written as in production (INFO, JSON), to /dev/null."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the app)
+
+
 def drive(spec: str, requests: int, run_name: str) -> None:
     """Child: load the app as gunicorn would and send it `requests` requests in-process."""
     from gunicorn.util import import_app
 
     app = import_app(spec)
-    # The access lines go where gunicorn's stderr would go, but not to the terminal.
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 (lives as long as the app)
+    _log_to_nowhere()
     statuses: list[str] = []
 
     def start_response(status: str, headers: object, exc_info: object = None) -> None:
@@ -84,8 +109,50 @@ def drive(spec: str, requests: int, run_name: str) -> None:
             raise SystemExit(f"request {n}: {statuses[-1]}, expected 202")
 
 
+REPLY = "Claro, te ayudo con eso."
+ACCEPT_ONLY = "accept-only"  # the worker child's mode that accepts without answering
+
+
+def drive_worker(mode: str, rounds: int, run_name: str, variant: str = "") -> None:
+    """Child: reply rounds (or only their accepts) for 8 sessions with full histories."""
+    from dataclasses import replace
+
+    from common.keys import session_keys
+    from common.logging_setup import configure_logging
+    from common.messages import PendingMessage
+    from common.settings import get_settings
+    from worker import runtime
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.effective_log_format, task_ids=True)
+    _log_to_nowhere()
+    with WORKER_VARIANTS.get(variant, contextlib.nullcontext)():
+        responder = replace(runtime.responder(), generate=lambda turns: REPLY)
+    sessions = [f"{run_name}-{n}" for n in range(8)]
+    sent = 0
+
+    def one_round(session: str, answer: bool = True) -> None:
+        nonlocal sent
+        sent += 1
+        keys = session_keys(settings.key_prefix, session)
+        message = PendingMessage(message_id=f"wamid.{run_name}.{sent}", session_id=session,
+                                 sender=session, text=f"Hola, ¿abren hoy? #{sent}",
+                                 metadata={"phone_number_id": "106540352242922"})  # fmt: skip
+        if responder.inbox.accept(keys, message).status != "queued":
+            raise SystemExit(f"message {sent} was not queued")
+        if answer and responder.answer(session) != 1:
+            raise SystemExit(f"round {sent} made no reply")
+
+    for _ in range(settings.max_history_messages // 2 + 2):  # full histories
+        for session in sessions:
+            one_round(session)
+    for n in range(rounds):
+        one_round(sessions[n % len(sessions)], answer=mode != ACCEPT_ONLY)
+
+
 def count(spec: str, requests: int, env: dict[str, str], run_name: str) -> int:
-    """Instructions callgrind counted in a child that sent `requests` requests."""
+    """Instructions callgrind counted in a child that sent `requests` requests (`spec`: an
+    app, or `worker:<mode>`)."""
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", PYTHON,
                "-m", "bench.instructions", "--child", spec, "--requests", str(requests),
                "--run-name", run_name]  # fmt: skip
@@ -109,23 +176,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--variant", nargs="*", default=[], choices=sorted(VARIANTS))
+    parser.add_argument("--skip-worker", action="store_true", help="webhook requests only")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--run-name", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        drive(args.child, args.requests, args.run_name)
+        if args.child.startswith("worker:"):
+            _, mode, variant = args.child.split(":")
+            drive_worker(mode, args.requests, args.run_name, variant)
+        else:
+            drive(args.child, args.requests, args.run_name)
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
 
     run = Run.new("instructions")
-    env = run.env()
     targets = {**APPS, **{f"webhook, {name}": VARIANTS[name] for name in args.variant}}
     counts: dict[str, int] = {}
+    worker: dict[str, int] = {}
     try:
-        for i, (name, spec) in enumerate(targets.items()):
-            counts[name] = per_request(spec, args, env, f"{run.prefix}-{i}")
-            print(f"  {name}: {counts[name]:,} instructions per request", flush=True)
+        with callback_receiver() as receiver:
+            env = run.env(N8N_CALLBACK_URL=receiver.url)
+            for i, (name, spec) in enumerate(targets.items()):
+                counts[name] = per_request(spec, args, env, f"{run.prefix}-{i}")
+                print(f"  {name}: {counts[name]:,} instructions per request", flush=True)
+            worker_variants = [""] + [v for v in args.variant if v in WORKER_VARIANTS]
+            for variant in [] if args.skip_worker else worker_variants:
+                for mode in ("answer", ACCEPT_ONLY):
+                    name = f"{mode}, {variant}" if variant else mode
+                    tag = f"{run.prefix}-{mode}-{variant}"
+                    worker[name] = per_request(f"worker:{mode}:{variant}", args, env, tag)
+                    print(f"  worker, {name}: {worker[name]:,} instructions per round", flush=True)
     finally:
         purged = run.purge()
     bare = counts["bare Flask (baseline)"]
@@ -136,8 +217,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"- {args.requests} requests after {args.warmup} of warm-up, in-process (no gunicorn); "
           f"{purged} Redis keys purged")  # fmt: skip
+    for variant in sorted({name.partition(", ")[2] for name in worker}):
+        suffix = f", {variant}" if variant else ""
+        round_only = worker[f"answer{suffix}"] - worker[f"{ACCEPT_ONLY}{suffix}"]
+        worker[f"reply round{suffix}"] = round_only
+        print(f"- worker{suffix}: **{round_only:,}** instructions per reply round (full history, "
+              f"signed callback), after subtracting the "
+              f"{worker[f'{ACCEPT_ONLY}{suffix}']:,} of its message's accept")  # fmt: skip
     path = save_results("instructions", {"requests": args.requests, "warmup": args.warmup,
-                                         "instructions_per_request": counts})  # fmt: skip
+                                         "instructions_per_request": counts,
+                                         "worker_instructions_per_round": worker})  # fmt: skip
     print(f"- results: {path.relative_to(path.parent.parent.parent)}")
     return 0
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
@@ -91,10 +93,11 @@ def lock_and_claim_history_as_list(
     return _lock_and_claim(before, keys, token, lock_ttl_ms)
 
 
-def webhook_with_python_redis_parser() -> Flask:
-    """The webhook with redis-py's pure-Python protocol code, as when hiredis is not
-    installed (before requirements.txt asked for `redis[hiredis]`): hiredis both parses
-    replies and packs commands when it is there."""
+@contextmanager
+def python_redis_protocol() -> Iterator[None]:
+    """Redis clients built inside use redis-py's pure-Python protocol code, as when hiredis
+    is not installed (before requirements.txt asked for `redis[hiredis]`): hiredis both
+    parses replies and packs commands when it is there."""
     from redis._parsers import _RESP2Parser
     from redis.connection import PythonRespSerializer
 
@@ -109,4 +112,10 @@ def webhook_with_python_redis_parser() -> Flask:
         return from_url(url, connection_class=PythonConnection, **kwargs)
 
     with mock.patch.object(redis.Redis, "from_url", python_protocol):
+        yield
+
+
+def webhook_with_python_redis_parser() -> Flask:
+    """The webhook without hiredis (`python_redis_protocol`)."""
+    with python_redis_protocol():
         return create_app()
