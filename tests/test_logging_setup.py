@@ -18,7 +18,7 @@ def record(message: str = "replied to=+591****5678") -> logging.LogRecord:
 def formatted_inside_a_task(formatter: JsonFormatter) -> tuple[dict, str]:
     app = Celery("logging-test", set_as_current=False)
 
-    @app.task(bind=True)
+    @app.task(bind=True, shared=False)  # kept off the registry other tests' apps share
     def log_a_line(self) -> str:
         return formatter.format(record())
 
