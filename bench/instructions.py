@@ -109,37 +109,27 @@ def drive(spec: str, requests: int, run_name: str) -> None:
             raise SystemExit(f"request {n}: {statuses[-1]}, expected 202")
 
 
-REPLY = "Claro, te ayudo con eso."
 ACCEPT_ONLY = "accept-only"  # the worker child's mode that accepts without answering
 
 
 def drive_worker(mode: str, rounds: int, run_name: str, variant: str = "") -> None:
     """Child: reply rounds (or only their accepts) for 8 sessions with full histories."""
-    from dataclasses import replace
-
-    from common.keys import session_keys
+    from bench.reply_round import accept_message, instant_responder
     from common.logging_setup import configure_logging
-    from common.messages import PendingMessage
     from common.settings import get_settings
-    from worker import runtime
 
     settings = get_settings()
     configure_logging(settings.log_level, settings.effective_log_format, task_ids=True)
     _log_to_nowhere()
     with WORKER_VARIANTS.get(variant, contextlib.nullcontext)():
-        responder = replace(runtime.responder(), generate=lambda turns: REPLY)
+        responder = instant_responder()
     sessions = [f"{run_name}-{n}" for n in range(8)]
     sent = 0
 
     def one_round(session: str, answer: bool = True) -> None:
         nonlocal sent
         sent += 1
-        keys = session_keys(settings.key_prefix, session)
-        message = PendingMessage(message_id=f"wamid.{run_name}.{sent}", session_id=session,
-                                 sender=session, text=f"Hola, ¿abren hoy? #{sent}",
-                                 metadata={"phone_number_id": "106540352242922"})  # fmt: skip
-        if responder.inbox.accept(keys, message).status != "queued":
-            raise SystemExit(f"message {sent} was not queued")
+        accept_message(responder, session, f"wamid.{run_name}.{sent}")
         if answer and responder.answer(session) != 1:
             raise SystemExit(f"round {sent} made no reply")
 

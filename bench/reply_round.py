@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 from bench.harness import Run, callback_receiver, conditions, markdown_table, save_results
 from bench.variants import lock_and_claim_history_as_list, lock_then_claim
@@ -29,8 +30,33 @@ from common.keys import SessionKeys, session_keys
 from common.messages import PendingMessage
 from common.settings import get_settings
 
+if TYPE_CHECKING:  # importing the worker package reads the settings: not before main sets them
+    from worker.responder import Responder
+
 REPLY = "Claro, te ayudo con eso."
 LockAndClaim = Callable[[Inbox, SessionKeys, str, int], LockedClaim | None]
+
+
+def instant_responder() -> Responder:
+    """The responder a worker process builds (`worker.runtime`), with a fixed reply for a
+    model; reads the settings of the environment it is called in."""
+    from worker import runtime
+
+    return replace(runtime.responder(), generate=lambda turns: REPLY)
+
+
+def accept_message(responder: Responder, session: str, message_id: str) -> None:
+    """Queue one message for `session`, as the webhook would (no task)."""
+    keys = session_keys(responder.settings.key_prefix, session)
+    message = PendingMessage(
+        message_id=message_id,
+        session_id=session,
+        sender=session,
+        text=f"Hola, ¿abren hoy? {message_id}",
+        metadata={"phone_number_id": "106540352242922"},
+    )
+    if responder.inbox.accept(keys, message).status != "queued":
+        raise SystemExit(f"message {message_id} was not queued")
 
 
 @contextmanager
@@ -72,9 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with callback_receiver() as receiver:
             os.environ.update(run.env(N8N_CALLBACK_URL=receiver.url, LOG_LEVEL="WARNING"))
             get_settings.cache_clear()
-            from worker import runtime  # reads the settings above
-
-            responder = replace(runtime.responder(), generate=lambda turns: REPLY)
+            responder = instant_responder()  # reads the settings above
             settings = responder.settings
             sessions = [f"+5917{n:07d}" for n in range(args.sessions)]
             sent = 0
@@ -82,15 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def one_round(session: str) -> float:
                 nonlocal sent
                 sent += 1
-                keys = session_keys(settings.key_prefix, session)
-                message = PendingMessage(
-                    message_id=f"wamid.round.{sent}",
-                    session_id=session,
-                    sender=session,
-                    text=f"Hola, ¿abren hoy? #{sent}",
-                    metadata={"phone_number_id": "106540352242922"},
-                )
-                responder.inbox.accept(keys, message)
+                accept_message(responder, session, f"wamid.round.{sent}")
                 started = time.thread_time()
                 replies = responder.answer(session)
                 spent = time.thread_time() - started
