@@ -13,10 +13,11 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from pydantic import TypeAdapter
+from typing_extensions import TypedDict  # pydantic reads typing's own only from Python 3.12
 
 from common.inbox import Batch, LockedClaim
 from common.keys import SessionKeys
@@ -81,6 +82,18 @@ return 1
 _MESSAGES = TypeAdapter(list[StoredMessage])
 
 
+class HistoryTurn(TypedDict):
+    """What a reply needs of a stored message. Validating only these two fields (the rest
+    is skipped) takes less than half the time of building each `StoredMessage`: ~100 µs
+    of a ~2 ms reply round with a full 50-message history (BENCHMARKS.md)."""
+
+    role: Literal["user", "assistant"]
+    content: str
+
+
+_HISTORY_TURNS = TypeAdapter(list[HistoryTurn])
+
+
 def new_conversation_id(user_id: str, created_epoch: int) -> str:
     """The id a conversation gets with its first reply (or its first after a reset)."""
     return f"conv_{user_id}_{created_epoch}"
@@ -91,14 +104,9 @@ def history_json(raw_messages: Sequence[str]) -> str:
     return "[" + ",".join(raw_messages) + "]"
 
 
-def _parse_messages(raw_messages: list[str]) -> list[StoredMessage]:
-    # One validation call for the whole list: faster than one per message.
-    return _MESSAGES.validate_json(history_json(raw_messages))
-
-
 @dataclass(frozen=True)
 class StoredConversation:
-    turns: list[StoredMessage]
+    turns: list[HistoryTurn]  # oldest first
     conversation_id: str | None  # None until the first reply is committed
 
 
@@ -112,7 +120,8 @@ class ConversationStore:
 
     def turns(self, keys: SessionKeys) -> list[StoredMessage]:
         """The stored history, oldest first."""
-        return _parse_messages(self._client.lrange(keys.messages, 0, -1))
+        # One validation call for the whole list: faster than one per message.
+        return _MESSAGES.validate_json(history_json(self._client.lrange(keys.messages, 0, -1)))
 
     def load(self, keys: SessionKeys) -> StoredConversation:
         """History and conversation id in one round trip: what a reply is built from."""
@@ -120,13 +129,15 @@ class ConversationStore:
         pipe.lrange(keys.messages, 0, -1)
         pipe.hget(keys.conversation, "conversation_id")
         raw_messages, conversation_id = pipe.execute()
-        return StoredConversation(_parse_messages(raw_messages), conversation_id)
+        return StoredConversation(
+            _HISTORY_TURNS.validate_json(history_json(raw_messages)), conversation_id
+        )
 
     @staticmethod
     def from_claim(claim: LockedClaim) -> StoredConversation:
         """The history `Inbox.lock_and_claim` read with its claim, as `load` gives it."""
         return StoredConversation(
-            _MESSAGES.validate_json(claim.history_json), claim.conversation_id
+            _HISTORY_TURNS.validate_json(claim.history_json), claim.conversation_id
         )
 
     def commit(

@@ -119,6 +119,44 @@ def test_each_call_sends_its_own_idempotency_key(
     assert sent == ["key-one", "key-two"]
 
 
+def test_each_call_sends_its_own_body_to_its_own_url(
+    fake_http: responses.RequestsMock, payload: CallbackPayload
+) -> None:
+    other_url = "https://other.example.test/webhook/reply"
+    fake_http.post(URL, status=200)
+    fake_http.post(other_url, status=200)
+    client = CallbackClient(timeout=5)
+    short = payload.model_copy(update={"reply": "ok"})
+
+    client.post(URL, payload, "key-one")
+    client.post(other_url, short, "key-two")
+    client.post(URL, short, "key-three")
+
+    sent = [
+        (call.request.url, json.loads(call.request.body)["reply"], call.request.headers)
+        for call in fake_http.calls
+    ]
+    assert [(url, reply) for url, reply, _ in sent] == [
+        (URL, payload.reply),
+        (other_url, "ok"),
+        (URL, "ok"),
+    ]
+    assert [int(headers["Content-Length"]) for _, _, headers in sent] == [
+        len(call.request.body) for call in fake_http.calls
+    ]
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(
+    fake_http: responses.RequestsMock, payload: CallbackPayload
+) -> None:
+    with_credentials = URL.replace("https://", "https://n8n:s3cret@")
+    fake_http.post(with_credentials, status=200)
+
+    CallbackClient(timeout=5).post(with_credentials, payload, KEY)
+
+    assert fake_http.calls[0].request.headers["Authorization"] == "Basic bjhuOnMzY3JldA=="
+
+
 @pytest.mark.parametrize("timeout", [0.25, 3.5, 30.0])
 def test_the_configured_timeout_is_used(
     fake_http: responses.RequestsMock, payload: CallbackPayload, timeout: float

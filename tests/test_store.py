@@ -90,7 +90,7 @@ def test_lock_and_claim_reads_the_history_as_load_does(parts, redis_client):
     assert claim is not None and [m.message_id for m in claim.batch.messages] == ["m1"]
     assert ConversationStore.from_claim(claim) == store.load(keys)
     assert claim.conversation_id == "conv_+59170000001_1700000000"
-    assert [m.content for m in store.load(keys).turns] == ["text 0", "hello"]
+    assert [m["content"] for m in store.load(keys).turns] == ["text 0", "hello"]
 
 
 def test_lock_and_claim_of_a_new_session_has_no_history(parts):
@@ -301,11 +301,11 @@ def test_load_reads_history_and_conversation_id_together(parts):
     assert answer(store, keys, inbox.claim(keys), reply="second")
 
     loaded = store.load(keys)
-    assert [(m.role, m.content) for m in loaded.turns] == [
+    assert [(m["role"], m["content"]) for m in loaded.turns] == [
         ("user", "text 0"),
         ("assistant", "first"),
         ("user", "text 1"),
         ("assistant", "second"),
     ]
-    assert loaded.turns == store.turns(keys)
+    assert [{"role": m.role, "content": m.content} for m in store.turns(keys)] == loaded.turns
     assert loaded.conversation_id == "conv_+59170000001_1700000000"

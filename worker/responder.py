@@ -166,7 +166,7 @@ class Responder:
         if texts:
             earlier = history.turns if history is not None else []
             turns = merge_turns(
-                [(m.role, m.content) for m in earlier] + [("user", m.text) for m in texts]
+                [(m["role"], m["content"]) for m in earlier] + [("user", m.text) for m in texts]
             )
             text = self.generate(turns)
         elif resets and not after_reset:
