@@ -233,6 +233,25 @@ def test_one_thread_renews_every_lock_the_process_holds(
     assert not any(redis_client.exists(n) for n in names)
 
 
+def test_a_short_lived_lock_taken_while_a_long_one_is_held_is_renewed_in_time(
+    redis_client: redis.Redis, settings: Settings, renewer: LockRenewer
+) -> None:
+    # The thread sleeps until the long lock's first renewal (10 s away); the short lock
+    # needs its first renewal long before that.
+    long_keys, short_keys = (
+        session_keys(settings.key_prefix, f"551199999{n}") for n in ("0100", "0200")
+    )
+    with SessionLocks(redis_client, 30.0, renewer).hold(long_keys) as long_held:
+        assert long_held.acquired
+        time.sleep(0.1)  # the thread is asleep now, waiting for the long lock
+        with SessionLocks(redis_client, TTL, renewer).hold(short_keys) as short_held:
+            assert short_held.acquired
+            token = redis_client.get(short_keys.lock)
+            time.sleep(TTL * 1.5)  # past the short lock's first expiry
+            assert redis_client.get(short_keys.lock) == token, "the short lock expired"
+    assert renewer.holding == 0
+
+
 def _hold_past_ttl_in_child(url: str, keys: SessionKeys, renewer: LockRenewer, out) -> None:
     client = redis.Redis.from_url(url, decode_responses=True)
     with SessionLocks(client, TTL, renewer).hold(keys) as held:

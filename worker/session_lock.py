@@ -60,6 +60,8 @@ class LockRenewer:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # When the thread wakes next if not notified (None: not until notified).
+        self._wakes_at: float | None = None
 
     @property
     def holding(self) -> int:
@@ -77,8 +79,14 @@ class LockRenewer:
                 )
                 self._thread.start()
             handle = next(self._ids)
-            self._held[handle] = _Held(renew, ttl / 3, time.monotonic() + ttl / 3)
-            self._changed.notify()
+            due = time.monotonic() + ttl / 3
+            self._held[handle] = _Held(renew, ttl / 3, due)
+            # Wake the thread only if it would sleep past this lock's first renewal. With
+            # one TTL for all locks, that is only when it sleeps with no deadline (nothing
+            # held at its last wake-up): waking it for every lock cost each reply round a
+            # thread switch (BENCHMARKS.md, section 2).
+            if self._wakes_at is None or due < self._wakes_at:
+                self._changed.notify()
             return handle
 
     def drop(self, handle: int) -> None:
@@ -107,7 +115,9 @@ class LockRenewer:
                         if not self._renew(held.renew):
                             del self._held[handle]
                 next_due = min((held.due for held in self._held.values()), default=None)
+                self._wakes_at = next_due
                 self._changed.wait(None if next_due is None else max(0.0, next_due - now))
+                self._wakes_at = None  # awake: it looks at every lock before sleeping again
 
     @staticmethod
     def _renew(renew: Renew) -> bool:
