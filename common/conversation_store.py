@@ -109,6 +109,11 @@ class StoredConversation:
     turns: list[HistoryTurn]  # oldest first
     conversation_id: str | None  # None until the first reply is committed
 
+    @classmethod
+    def parse(cls, history: str, conversation_id: str | None) -> StoredConversation:
+        """From the stored messages as one JSON array (`history_json`)."""
+        return cls(_HISTORY_TURNS.validate_json(history), conversation_id)
+
 
 class ConversationStore:
     """Reads and writes conversation histories."""
@@ -129,16 +134,12 @@ class ConversationStore:
         pipe.lrange(keys.messages, 0, -1)
         pipe.hget(keys.conversation, "conversation_id")
         raw_messages, conversation_id = pipe.execute()
-        return StoredConversation(
-            _HISTORY_TURNS.validate_json(history_json(raw_messages)), conversation_id
-        )
+        return StoredConversation.parse(history_json(raw_messages), conversation_id)
 
     @staticmethod
     def from_claim(claim: LockedClaim) -> StoredConversation:
         """The history `Inbox.lock_and_claim` read with its claim, as `load` gives it."""
-        return StoredConversation(
-            _HISTORY_TURNS.validate_json(claim.history_json), claim.conversation_id
-        )
+        return StoredConversation.parse(claim.history_json, claim.conversation_id)
 
     def commit(
         self,

@@ -60,7 +60,9 @@ class LockRenewer:
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
-        # When the thread wakes next if not notified (None: not until notified).
+        # The deadline the thread sleeps until (None: until notified). `hold` reads it under
+        # the condition, which the thread holds except while it sleeps; a thread that has
+        # not slept yet looks at every lock before it does.
         self._wakes_at: float | None = None
 
     @property
@@ -117,7 +119,6 @@ class LockRenewer:
                 next_due = min((held.due for held in self._held.values()), default=None)
                 self._wakes_at = next_due
                 self._changed.wait(None if next_due is None else max(0.0, next_due - now))
-                self._wakes_at = None  # awake: it looks at every lock before sleeping again
 
     @staticmethod
     def _renew(renew: Renew) -> bool:
