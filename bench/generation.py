@@ -7,11 +7,14 @@ per token is the same as with the real weights. Every reply is exactly `--tokens
 
 N threads play N concurrent conversations (as N Celery threads of one worker would), each
 asking for `--rounds` replies in a row, through:
-- naive-concurrent: each thread calls `generate` for its own message, all at once;
-- naive-serial: one `generate` at a time (what a solo or one-thread worker does);
+- naive-concurrent: each thread calls `generate` for its own message, all at once, on
+  its own thread (a threads pool without batching);
+- naive-serial: one `generate` at a time, all on the model's torch thread (the product
+  with GENERATION_BATCH_SIZE=1; a solo worker or one prefork child is the same);
 - batched: the product's path, `ChatModel.reply` through the micro-batcher.
 
     python -m bench.generation [--shapes small medium] [--concurrency 1 4 16] [--dtype ...]
+                               [--quantization none int8]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ OPENERS = [
 class Row:
     shape: str
     dtype: str
+    quantization: str
     path: str
     concurrency: int
     replies: int
@@ -67,12 +71,15 @@ def conversation(index: int) -> list[Turn]:
     return turns
 
 
-def settings_for(model_dir: Path, tokens: int, batch_size: int, dtype: str) -> Settings:
+def settings_for(
+    model_dir: Path, tokens: int, batch_size: int, dtype: str, quantization: str
+) -> Settings:
     return Settings(
         _env_file=None,
         model_name=str(model_dir),
         device="cpu",
         model_dtype=dtype,
+        model_quantization=quantization,
         max_new_tokens=tokens,
         min_new_tokens=tokens,
         generation_batch_size=batch_size,
@@ -107,24 +114,34 @@ def run_threads(
 def measure(
     shape: str,
     dtype: str,
+    quantization: str,
     model_dir: Path,
     concurrency_levels: Sequence[int],
     tokens: int,
     rounds: int,
     paths: Sequence[str],
 ) -> list[Row]:
-    batched = ChatModel.load(settings_for(model_dir, tokens, max(concurrency_levels), dtype))
-    # The naive paths share the batched model's weights: same numbers, no second copy.
-    naive = ChatModel(
-        batched.model, batched.tokenizer, settings_for(model_dir, tokens, 1, dtype), "cpu"
+    batched = ChatModel.load(
+        settings_for(model_dir, tokens, max(concurrency_levels), dtype, quantization)
     )
-    serial_lock = threading.Lock()
+    # The naive paths share the batched model's weights and torch thread: same numbers, no
+    # second copy.
+    naive = ChatModel(
+        batched.model,
+        batched.tokenizer,
+        settings_for(model_dir, tokens, 1, dtype, quantization),
+        "cpu",
+        batched.torch_thread,
+    )
 
-    def naive_serial(turns: Sequence[Turn]) -> GeneratedReply:
-        with serial_lock:
-            return naive.reply(turns)
+    def naive_concurrent(turns: Sequence[Turn]) -> GeneratedReply:
+        return naive.finish(naive.generate_batch([naive.prompt_ids(turns)])[0])
 
-    asks = {"naive-concurrent": naive.reply, "naive-serial": naive_serial, "batched": batched.reply}
+    asks = {
+        "naive-concurrent": naive_concurrent,
+        "naive-serial": naive.reply,
+        "batched": batched.reply,
+    }
     run_threads(batched.reply, 2, 1)  # warm-up: first calls allocate and pick kernels
     rows = []
     for concurrency in concurrency_levels:
@@ -134,6 +151,7 @@ def measure(
             row = Row(
                 shape=shape,
                 dtype=dtype,
+                quantization=quantization,
                 path=path,
                 concurrency=concurrency,
                 replies=replies,
@@ -149,21 +167,21 @@ def measure(
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| shape | dtype | conversations | path | replies/s | tokens/s | p50 reply (s) "
-        "| vs best naive |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| shape | dtype | quantization | conversations | path | replies/s | tokens/s "
+        "| p50 reply (s) | vs best naive |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in rows:
         naive = [
             other.replies_per_s
             for other in rows
             if other.path.startswith("naive")
-            and (other.shape, other.dtype, other.concurrency)
-            == (row.shape, row.dtype, row.concurrency)
+            and (other.shape, other.dtype, other.quantization, other.concurrency)
+            == (row.shape, row.dtype, row.quantization, row.concurrency)
         ]
         ratio = f"{row.replies_per_s / max(naive):.2f}x" if naive else ""
         lines.append(
-            f"| {row.shape} | {row.dtype} | {row.concurrency} | {row.path} | "
+            f"| {row.shape} | {row.dtype} | {row.quantization} | {row.concurrency} | {row.path} | "
             f"{row.replies_per_s:.2f} | {row.tokens_per_s:.0f} | {row.p50_reply_s:.2f} | {ratio} |"
         )
     return "\n".join(lines)
@@ -176,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply")
     parser.add_argument("--rounds", type=int, default=2, help="replies per conversation")
     parser.add_argument("--dtype", nargs="+", default=["float32"])
+    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8"])
     parser.add_argument(
         "--paths", nargs="+", default=["naive-concurrent", "naive-serial", "batched"]
     )
@@ -187,9 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for shape in args.shapes:
             model_dir, _ = build_dialogpt_shape(Path(tmp) / shape, shape)
             for dtype in args.dtype:
-                rows += measure(
-                    shape, dtype, model_dir, args.concurrency, args.tokens, args.rounds, args.paths
-                )
+                for quantization in args.quantization:
+                    rows += measure(
+                        shape,
+                        dtype,
+                        quantization,
+                        model_dir,
+                        args.concurrency,
+                        args.tokens,
+                        args.rounds,
+                        args.paths,
+                    )
     save_results("generation", {"rows": [asdict(r) for r in rows]})
     print(table(rows))
     return 0

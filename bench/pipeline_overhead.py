@@ -12,7 +12,7 @@ bench.instant_worker) split each message's time into steps.
 Target: p50 <= 15 ms, p99 <= 50 ms at 8 concurrent conversations.
 
     python -m bench.pipeline_overhead [--messages 300] [--conversations 1 8 32]
-        [--workers threads:8 prefork:2] [--think-ms 0]
+        [--workers threads:8 prefork:2 threads:4*2] [--think-ms 0]
         [--variant task-events celery-task-lines separate-lock-and-claim kombu-transport]
         [--profile]
 """
@@ -54,7 +54,8 @@ from bench.harness import (
     save_results,
 )
 
-DEFAULT_WORKERS = ["threads:8", "prefork:2"]  # pool:concurrency
+# pool:concurrency, and `*N` for N worker instances side by side (each its own consumer)
+DEFAULT_WORKERS = ["threads:8", "prefork:2"]
 # Environment of each --variant: a production setting, or an experiment that undoes one of
 # the changes measured in BENCHMARKS.md (bench.instant_worker reads the BENCH_* ones).
 VARIANTS = {
@@ -264,22 +265,30 @@ class Setup:
 
 
 def measure_worker(spec: str, setup: Setup) -> list[dict[str, Any]]:
-    pool, concurrency = spec.split(":")
-    label = f"{pool} x{concurrency}"
+    pool, size = spec.split(":")
+    concurrency, _, instances = size.partition("*")
+    copies = int(instances or 1)
+    label = f"{pool} x{concurrency}" + (f" *{copies}" if copies > 1 else "")
     run, port, receiver = setup.run, setup.port, setup.receiver
-    stages_path = run.logs / f"stages-{pool}-{concurrency}.txt"
+    stages_path = run.logs / f"stages-{pool}-{size}.txt"
     env = {**setup.env, "BENCH_STAGES": str(stages_path)}
-    command = celery_command("bench.instant_worker", pool, int(concurrency), f"bench-{pool}")
-    log = run.logs / f"worker-{pool}-{concurrency}.log"
+    log = run.logs / f"worker-{pool}-{size}.log"
     redis_pid = redis_server_pid()
     rows = []
-    with process(command, env, log) as worker:
+    with contextlib.ExitStack() as stack:
+        workers = [
+            stack.enter_context(process(celery_command(
+                "bench.instant_worker", pool, int(concurrency), f"bench-{pool}{n}"), env, log))
+            for n in range(copies)
+        ]  # fmt: skip
+        worker = workers[0]
         tag = f"{pool[:2]}{int(time.time()) % 100000:05d}"
         try:
             conversations(port, receiver, f"{tag}w", 4, 5)  # warm-up (and ready check)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{log.read_text(errors='replace')[-3000:]}") from exc
-        pids = {"webhook": process_tree(setup.webhook_pid), "worker": process_tree(worker.pid)}
+        pids = {"webhook": process_tree(setup.webhook_pid),
+                "worker": [pid for w in workers for pid in process_tree(w.pid)]}  # fmt: skip
         if redis_pid:
             pids["redis"] = [redis_pid]
         for count in setup.levels:
@@ -355,7 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=300, help="per concurrency level")
     parser.add_argument("--conversations", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--workers", nargs="+", default=DEFAULT_WORKERS, help="pool:concurrency")
+    parser.add_argument(
+        "--workers", nargs="+", default=DEFAULT_WORKERS, help="pool:concurrency[*instances]"
+    )
     parser.add_argument("--think-ms", type=float, default=0, help="pause before the next message")
     parser.add_argument(
         "--variant", nargs="+", default=[], choices=sorted(VARIANTS),

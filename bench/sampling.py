@@ -1,7 +1,10 @@
-"""Cost of top-p filtering per decoding step: transformers' full sort against worker.sampling.
+"""Cost of sampling one token per row per decoding step: transformers against worker.sampling.
 
-Both filters run after transformers' top-k on the same random scores of GPT-2's 50257-token
-vocabulary, at several batch sizes; the time is the mean of `--steps` calls.
+transformers: its temperature, top-k and top-p warpers, softmax and `torch.multinomial`
+over the whole vocabulary, as `generate(do_sample=True)` runs them. Ours: `SampleAmongTopK`
+(the same distribution, drawn among the top-k) and the argmax of `generate(do_sample=False)`.
+Both on the same random scores of GPT-2's 50257-token vocabulary, at several batch sizes,
+with the product's default temperature, top-k and top-p; the time is the mean of `--steps`.
 
     python -m bench.sampling [--batch 1 4 16] [--steps 50]
 """
@@ -13,12 +16,17 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from worker.sampling import TopPAmongTopK
+from common.settings import Settings
+from worker.sampling import SampleAmongTopK
 
 VOCAB = 50257
-TOP_K, TOP_P = 50, 0.92  # the product's defaults
 
 
 def mean_ms(step: Callable[[], object], steps: int) -> float:
@@ -35,22 +43,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
 
-    top_k = TopKLogitsWarper(TOP_K)
-    theirs, ours = TopPLogitsWarper(TOP_P), TopPAmongTopK(TOP_P, TOP_K)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| batch | top-k + transformers top-p (ms/step) | top-k + top-p among top-k | saved |")
+    defaults = Settings(_env_file=None)
+    temperature, top_k, top_p = defaults.temperature, defaults.top_k, defaults.top_p
+    warpers = LogitsProcessorList(
+        [TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k), TopPLogitsWarper(top_p)]
+    )
+    ours = SampleAmongTopK(temperature, top_k, top_p)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"temperature {temperature}, top-k {top_k}, top-p {top_p}")  # fmt: skip
+    print("| batch | transformers (ms/step) | among the top-k | saved |")
     print("|---:|---:|---:|---:|")
     for batch in args.batch:
         torch.manual_seed(batch)
         ids = torch.zeros((batch, 8), dtype=torch.long)
         scores = torch.randn(batch, VOCAB)
 
-        def filtered(top_p: Callable, ids=ids, scores=scores) -> object:
-            return top_p(ids, top_k(ids, scores.clone()))
+        def transformers_step(ids=ids, scores=scores) -> torch.Tensor:
+            probs = warpers(ids, scores.clone()).softmax(dim=-1)
+            return torch.multinomial(probs, num_samples=1).squeeze(1)
 
-        full = mean_ms(lambda: filtered(theirs), args.steps)
-        among = mean_ms(lambda: filtered(ours), args.steps)
-        print(f"| {batch} | {full:.2f} | {among:.2f} | {full - among:.2f} |")
+        def our_step(ids=ids, scores=scores) -> torch.Tensor:
+            return ours(ids, scores.clone()).argmax(dim=-1)
+
+        theirs_ms = mean_ms(transformers_step, args.steps)
+        ours_ms = mean_ms(our_step, args.steps)
+        print(f"| {batch} | {theirs_ms:.2f} | {ours_ms:.2f} | {theirs_ms - ours_ms:.2f} |")
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, HttpUrl, SecretStr, field_validator
+from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     device: str = "auto"
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    model_quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: dynamic int8 quantisation of the linear layers (CPU only).",
     )
     max_new_tokens: int = Field(default=64, gt=0)
     min_new_tokens: int = Field(default=0, ge=0)
@@ -138,6 +142,22 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _quantization_fits(self) -> Settings:
+        """int8 quantises float32 weights on the CPU; other combinations cannot run."""
+        if self.model_quantization == "int8":
+            if self.model_dtype not in ("auto", "float32"):
+                raise ValueError(
+                    f"MODEL_QUANTIZATION=int8 quantises float32 weights; MODEL_DTYPE="
+                    f"{self.model_dtype} cannot be combined with it (use auto or float32)"
+                )
+            if self.device.startswith("cuda"):
+                raise ValueError(
+                    "MODEL_QUANTIZATION=int8 runs on the CPU only; with DEVICE="
+                    f"{self.device} use MODEL_QUANTIZATION=none (CUDA uses float16 by itself)"
+                )
+        return self
 
     @property
     def is_production(self) -> bool:

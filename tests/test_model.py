@@ -19,6 +19,7 @@ from common.settings import Settings, get_settings
 from tests.fixtures_model import TINY_CONTEXT, tiny_chat_model_dir, tiny_model_dir  # noqa: F401
 from worker.context import Turn
 from worker.model import ChatModel, GeneratedReply, context_size, get_model, resolve_device
+from worker.sampling import SampleAmongTopK
 from worker.tiny_model import build_tiny_model
 from worker.tiny_model import main as tiny_model_main
 
@@ -155,14 +156,75 @@ def test_sampling_passes_its_flags(
     reply = chat.reply(TURNS)
 
     assert 2 <= reply.new_tokens <= 8
-    assert spy.kwargs["do_sample"] is True
-    assert (spy.kwargs["temperature"], spy.kwargs["top_k"]) == (0.9, 20)
-    # top-p is applied among the top-k by worker.sampling, not by transformers' full sort.
-    assert spy.kwargs["top_p"] == 1.0
-    [nucleus] = spy.kwargs["logits_processor"]
-    assert (nucleus.top_p, nucleus.top_k) == (0.8, 20)
+    # worker.sampling draws the token among the top-k; generate's argmax then takes it.
+    assert spy.kwargs["do_sample"] is False
+    [sampler] = spy.kwargs["logits_processor"]
+    assert isinstance(sampler, SampleAmongTopK)
+    assert (sampler.temperature, sampler.top_k, sampler.top_p) == (0.9, 20, 0.8)
+    for flag in ("temperature", "top_k", "top_p", "no_repeat_ngram_size"):
+        assert flag not in spy.kwargs
     assert spy.kwargs["min_new_tokens"] == 2
-    assert "no_repeat_ngram_size" not in spy.kwargs
+
+
+def test_sampling_without_top_k_is_left_to_transformers(
+    tiny_model_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    chat = ChatModel.load(
+        make_settings(tiny_model_dir, do_sample=True, temperature=0.9, top_k=0, top_p=0.8)
+    )
+    spy = GenerateSpy(chat.model.generate)
+    monkeypatch.setattr(chat.model, "generate", spy)
+
+    chat.reply(TURNS)
+
+    assert spy.kwargs["do_sample"] is True
+    assert (spy.kwargs["temperature"], spy.kwargs["top_k"], spy.kwargs["top_p"]) == (0.9, 0, 0.8)
+    assert "logits_processor" not in spy.kwargs
+
+
+def test_sampled_replies_vary(tiny_model_dir: Path) -> None:  # noqa: F811
+    chat = ChatModel.load(
+        make_settings(tiny_model_dir, do_sample=True, temperature=1.0, top_k=50, top_p=0.95)
+    )
+    torch.manual_seed(11)
+    replies = {chat.reply(TURNS).text for _ in range(6)}
+    assert len(replies) > 1, "sampling on, yet every reply was the same"
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_loading_and_every_generation_run_on_one_thread(
+    tiny_model_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    batch_size: int,
+) -> None:
+    """A second thread running torch would get an OpenMP pool of its own (ChatModel)."""
+    threads: dict[str, set[int]] = {"load": set(), "generate": set()}
+    real_load = model_module.AutoModelForCausalLM.from_pretrained
+
+    def loading(*args: Any, **kwargs: Any) -> Any:
+        threads["load"].add(threading.get_ident())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", loading)
+    chat = ChatModel.load(make_settings(tiny_model_dir, generation_batch_size=batch_size))
+    real_generate = chat.model.generate
+
+    def generating(*args: Any, **kwargs: Any) -> Any:
+        threads["generate"].add(threading.get_ident())
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(chat.model, "generate", generating)
+    callers = [threading.Thread(target=chat.reply, args=(TURNS,)) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    chat.reply(TURNS)
+    for caller in callers:
+        caller.join()
+
+    torch_thread = chat.torch_thread.submit(threading.get_ident).result()
+    assert threads == {"load": {torch_thread}, "generate": {torch_thread}}
+    assert torch_thread != threading.get_ident()
 
 
 def test_only_eos_falls_back_to_the_canned_reply(

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,8 @@ from common.settings import Settings, get_settings
 from worker.batching import MicroBatcher
 from worker.context import Turn, build_input_ids
 from worker.metrics import GENERATION_BATCH_SIZE
-from worker.sampling import TopPAmongTopK
+from worker.quantization import quantize_int8
+from worker.sampling import SampleAmongTopK
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +82,35 @@ def configure_torch_threads(settings: Settings) -> None:
         torch.set_num_threads(threads)
 
 
+def new_torch_thread() -> ThreadPoolExecutor:
+    """A thread to run all of one model's torch work on (see `ChatModel`)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+
+
 class ChatModel:
     """A tokenizer and model pair with the generation settings of this deployment.
 
     Safe to share between threads: tokenizer calls are serialised by a lock (fast
     tokenizers refuse concurrent use), and generation goes through one `MicroBatcher`, so
-    concurrent callers are answered by batched `generate` calls from a single thread.
+    concurrent callers are answered by batched `generate` calls.
+
+    Every piece of torch work, loading included, runs on one thread, `torch_thread`.
+    torch's OpenMP pool belongs to the thread that runs a parallel operation, and each
+    further thread that does gets a pool of its own; once there are more pool threads
+    than cores, GNU OpenMP stops spinning between operations and sleeps instead, and a
+    decoding step is hundreds of short operations. Generating on a second thread after
+    loading on the first ran at half speed (int8) or 15% slower (float32) on 2 cores
+    (BENCHMARKS.md, section 3).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, settings: Settings, device: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: Settings,
+        device: str,
+        torch_thread: ThreadPoolExecutor | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -100,8 +122,9 @@ class ChatModel:
         pad = tokenizer.pad_token_id
         self._pad_id: int = pad if pad is not None else (self._eos_id or 0)
         self._generation_kwargs = self._build_generation_kwargs()
+        self.torch_thread = torch_thread or new_torch_thread()
         self._batcher: MicroBatcher[list[int], list[int]] = MicroBatcher(
-            self.generate_batch,
+            self._generate_on_torch_thread,
             max_batch_size=settings.generation_batch_size,
             max_wait_seconds=settings.generation_batch_wait_ms / 1000,
             name="generation-batcher",
@@ -109,7 +132,13 @@ class ChatModel:
 
     @classmethod
     def load(cls, settings: Settings) -> ChatModel:
-        """Load from a hub name or a local directory (see `worker.tiny_model`)."""
+        """Load from a hub name or a local directory (see `worker.tiny_model`), on the
+        thread that will also generate."""
+        torch_thread = new_torch_thread()
+        return torch_thread.submit(cls._load_here, settings, torch_thread).result()
+
+    @classmethod
+    def _load_here(cls, settings: Settings, torch_thread: ThreadPoolExecutor) -> ChatModel:
         device = resolve_device(settings.device)
         configure_torch_threads(settings)
         hf_logging.disable_progress_bar()  # progress bars in worker logs are noise
@@ -119,7 +148,10 @@ class ChatModel:
         )
         model.eval()
         model.to(device)
-        return cls(model, tokenizer, settings, device)
+        if settings.model_quantization == "int8":
+            layers = quantize_int8(model, device)
+            logger.info("model quantised: %d linear layers to int8 (dynamic)", layers)
+        return cls(model, tokenizer, settings, device, torch_thread)
 
     def reply(self, turns: Sequence[Turn]) -> GeneratedReply:
         """Continue the conversation as the assistant; never returns an empty text.
@@ -147,6 +179,9 @@ class ChatModel:
         if not text:
             return GeneratedReply(self.settings.fallback_reply, len(new_ids), used_fallback=True)
         return GeneratedReply(text, len(new_ids), used_fallback=False)
+
+    def _generate_on_torch_thread(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        return self.torch_thread.submit(self.generate_batch, prompts).result()
 
     def generate_batch(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """New token ids for each prompt, from one `generate` call over the whole batch.
@@ -190,16 +225,16 @@ class ChatModel:
             kwargs["min_new_tokens"] = settings.min_new_tokens
         if settings.no_repeat_ngram_size > 0:
             kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
-        if settings.do_sample:
+        if settings.do_sample and settings.top_k > 0:
+            # The same draw among the top-k only; generate's argmax takes it (worker.sampling).
+            kwargs["do_sample"] = False
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [SampleAmongTopK(settings.temperature, settings.top_k, settings.top_p)]
+            )
+        elif settings.do_sample:  # no top-k: every token may be drawn, transformers does it
             kwargs["temperature"] = settings.temperature
-            kwargs["top_k"] = settings.top_k
             kwargs["top_p"] = settings.top_p
-            if settings.top_k > 0 and settings.top_p < 1:
-                # Same filtering, without sorting the whole vocabulary (worker.sampling).
-                kwargs["top_p"] = 1.0
-                kwargs["logits_processor"] = LogitsProcessorList(
-                    [TopPAmongTopK(settings.top_p, settings.top_k)]
-                )
+            kwargs["top_k"] = 0
         return kwargs
 
 
