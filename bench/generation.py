@@ -13,6 +13,8 @@ asking for `--rounds` replies in a row, through:
   with GENERATION_BATCH_SIZE=1; a solo worker or one prefork child is the same);
 - batched: the product's path, `ChatModel.reply` through the micro-batcher.
 
+Each path runs in a process of its own, with its own copy of the model.
+
     python -m bench.generation [--shapes small medium] [--concurrency 1 4 16] [--dtype ...]
                                [--quantization none int8]
 """
@@ -20,14 +22,16 @@ asking for `--rounds` replies in a row, through:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -119,49 +123,36 @@ def measure(
     concurrency_levels: Sequence[int],
     tokens: int,
     rounds: int,
-    paths: Sequence[str],
+    path: str,
 ) -> list[Row]:
-    batched = ChatModel.load(
-        settings_for(model_dir, tokens, max(concurrency_levels), dtype, quantization)
-    )
-    # The naive paths share the batched model's weights and torch thread: same numbers, no
-    # second copy.
-    naive = ChatModel(
-        batched.model,
-        batched.tokenizer,
-        settings_for(model_dir, tokens, 1, dtype, quantization),
-        "cpu",
-        batched.torch_thread,
-    )
+    """One path at every concurrency level, in a process of its own (see `main`)."""
+    batch_size = max(concurrency_levels) if path == "batched" else 1
+    chat = ChatModel.load(settings_for(model_dir, tokens, batch_size, dtype, quantization))
 
-    def naive_concurrent(turns: Sequence[Turn]) -> GeneratedReply:
-        return naive.finish(naive.generate_batch([naive.prompt_ids(turns)])[0])
+    def direct(turns: Sequence[Turn]) -> GeneratedReply:
+        """`generate` on the calling thread, as a threads pool without batching would."""
+        return chat.finish(chat.generate_batch([chat.prompt_ids(turns)])[0])
 
-    asks = {
-        "naive-concurrent": naive_concurrent,
-        "naive-serial": naive.reply,
-        "batched": batched.reply,
-    }
-    run_threads(batched.reply, 2, 1)  # warm-up: first calls allocate and pick kernels
+    ask = direct if path == "naive-concurrent" else chat.reply
+    run_threads(ask, 2, 1)  # warm-up: first calls allocate and pick kernels
     rows = []
     for concurrency in concurrency_levels:
-        for path in paths:
-            seconds, generated, latencies = run_threads(asks[path], concurrency, rounds)
-            replies = concurrency * rounds
-            row = Row(
-                shape=shape,
-                dtype=dtype,
-                quantization=quantization,
-                path=path,
-                concurrency=concurrency,
-                replies=replies,
-                seconds=round(seconds, 2),
-                replies_per_s=round(replies / seconds, 3),
-                tokens_per_s=round(generated / seconds, 1),
-                p50_reply_s=round(statistics.median(latencies), 2),
-            )
-            print(json.dumps(asdict(row)), flush=True)
-            rows.append(row)
+        seconds, generated, latencies = run_threads(ask, concurrency, rounds)
+        replies = concurrency * rounds
+        row = Row(
+            shape=shape,
+            dtype=dtype,
+            quantization=quantization,
+            path=path,
+            concurrency=concurrency,
+            replies=replies,
+            seconds=round(seconds, 2),
+            replies_per_s=round(replies / seconds, 3),
+            tokens_per_s=round(generated / seconds, 1),
+            p50_reply_s=round(statistics.median(latencies), 2),
+        )
+        print(json.dumps(asdict(row)), flush=True)
+        rows.append(row)
     return rows
 
 
@@ -205,9 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         for shape in args.shapes:
             model_dir, _ = build_dialogpt_shape(Path(tmp) / shape, shape)
-            for dtype in args.dtype:
-                for quantization in args.quantization:
-                    rows += measure(
+            for dtype, quantization, path in itertools.product(
+                args.dtype, args.quantization, args.paths
+            ):
+                # A fresh process per path: threads that ran torch (naive-concurrent's) keep
+                # OpenMP pools that would slow every path measured after them (ChatModel).
+                with ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn")
+                ) as pool:
+                    rows += pool.submit(
+                        measure,
                         shape,
                         dtype,
                         quantization,
@@ -215,8 +213,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.concurrency,
                         args.tokens,
                         args.rounds,
-                        args.paths,
-                    )
+                        path,
+                    ).result()
+    rows.sort(key=lambda r: (args.shapes.index(r.shape), args.dtype.index(r.dtype),
+                             args.quantization.index(r.quantization), r.concurrency,
+                             args.paths.index(r.path)))  # fmt: skip
     save_results("generation", {"rows": [asdict(r) for r in rows]})
     print(table(rows))
     return 0
