@@ -227,6 +227,23 @@ def test_loading_and_every_generation_run_on_one_thread(
     assert torch_thread != threading.get_ident()
 
 
+def test_a_failed_load_leaves_no_torch_thread(tmp_path: Path) -> None:
+    def torch_threads() -> int:
+        return sum(t.name.startswith("torch") for t in threading.enumerate())
+
+    before = torch_threads()
+    # Held, as a caller that logs or re-raises it would: its traceback keeps the loader's
+    # frame, and with it the executor, from being collected.
+    with pytest.raises(OSError) as failure:
+        ChatModel.load(make_settings(tmp_path / "no-model-here"))
+
+    deadline = time.monotonic() + 5
+    while torch_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert torch_threads() == before
+    assert failure.value is not None
+
+
 def test_only_eos_falls_back_to_the_canned_reply(
     greedy_model: ChatModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:

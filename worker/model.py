@@ -135,7 +135,11 @@ class ChatModel:
         """Load from a hub name or a local directory (see `worker.tiny_model`), on the
         thread that will also generate."""
         torch_thread = new_torch_thread()
-        return torch_thread.submit(cls._load_here, settings, torch_thread).result()
+        try:
+            return torch_thread.submit(cls._load_here, settings, torch_thread).result()
+        except BaseException:
+            torch_thread.shutdown(wait=False)  # no model, nothing for the thread to run
+            raise
 
     @classmethod
     def _load_here(cls, settings: Settings, torch_thread: ThreadPoolExecutor) -> ChatModel:
