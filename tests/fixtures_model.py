@@ -7,12 +7,26 @@ importing the fixtures into a test module.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from common.settings import Settings
 from worker.tiny_model import build_tiny_model
 
 TINY_CONTEXT = 256
+
+
+def model_settings(model_dir: Path, **overrides: Any) -> Settings:
+    """Settings for a tiny model on the CPU, greedy, 8 new tokens, without any `.env`."""
+    values: dict[str, Any] = {
+        "model_name": str(model_dir),
+        "device": "cpu",
+        "do_sample": False,
+        "max_new_tokens": 8,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture(scope="session")

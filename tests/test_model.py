@@ -16,7 +16,12 @@ import torch
 
 import worker.model as model_module
 from common.settings import Settings, get_settings
-from tests.fixtures_model import TINY_CONTEXT, tiny_chat_model_dir, tiny_model_dir  # noqa: F401
+from tests.fixtures_model import (  # noqa: F401
+    TINY_CONTEXT,
+    model_settings,
+    tiny_chat_model_dir,
+    tiny_model_dir,
+)
 from worker.context import Turn
 from worker.model import ChatModel, GeneratedReply, context_size, get_model, resolve_device
 from worker.sampling import SampleAmongTopK
@@ -30,20 +35,9 @@ TURNS = [
 ]
 
 
-def make_settings(model_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "model_name": str(model_dir),
-        "device": "cpu",
-        "do_sample": False,
-        "max_new_tokens": 8,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)
-
-
 @pytest.fixture(scope="module")
 def greedy_model(tiny_model_dir: Path) -> ChatModel:  # noqa: F811
-    return ChatModel.load(make_settings(tiny_model_dir))
+    return ChatModel.load(model_settings(tiny_model_dir))
 
 
 class GenerateSpy:
@@ -113,7 +107,7 @@ def test_greedy_replies_are_deterministic(greedy_model: ChatModel) -> None:
 
 
 def test_min_new_tokens_forces_the_length(tiny_model_dir: Path) -> None:  # noqa: F811
-    chat = ChatModel.load(make_settings(tiny_model_dir, max_new_tokens=8, min_new_tokens=8))
+    chat = ChatModel.load(model_settings(tiny_model_dir, max_new_tokens=8, min_new_tokens=8))
     assert chat.reply(TURNS).new_tokens == 8
 
 
@@ -140,7 +134,7 @@ def test_sampling_passes_its_flags(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     chat = ChatModel.load(
-        make_settings(
+        model_settings(
             tiny_model_dir,
             do_sample=True,
             temperature=0.9,
@@ -171,7 +165,7 @@ def test_sampling_without_top_k_is_left_to_transformers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     chat = ChatModel.load(
-        make_settings(tiny_model_dir, do_sample=True, temperature=0.9, top_k=0, top_p=0.8)
+        model_settings(tiny_model_dir, do_sample=True, temperature=0.9, top_k=0, top_p=0.8)
     )
     spy = GenerateSpy(chat.model.generate)
     monkeypatch.setattr(chat.model, "generate", spy)
@@ -185,7 +179,7 @@ def test_sampling_without_top_k_is_left_to_transformers(
 
 def test_sampled_replies_vary(tiny_model_dir: Path) -> None:  # noqa: F811
     chat = ChatModel.load(
-        make_settings(tiny_model_dir, do_sample=True, temperature=1.0, top_k=50, top_p=0.95)
+        model_settings(tiny_model_dir, do_sample=True, temperature=1.0, top_k=50, top_p=0.95)
     )
     torch.manual_seed(11)
     replies = {chat.reply(TURNS).text for _ in range(6)}
@@ -207,7 +201,7 @@ def test_loading_and_every_generation_run_on_one_thread(
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(model_module.AutoModelForCausalLM, "from_pretrained", loading)
-    chat = ChatModel.load(make_settings(tiny_model_dir, generation_batch_size=batch_size))
+    chat = ChatModel.load(model_settings(tiny_model_dir, generation_batch_size=batch_size))
     real_generate = chat.model.generate
 
     def generating(*args: Any, **kwargs: Any) -> Any:
@@ -235,7 +229,7 @@ def test_a_failed_load_leaves_no_torch_thread(tmp_path: Path) -> None:
     # Held, as a caller that logs or re-raises it would: its traceback keeps the loader's
     # frame, and with it the executor, from being collected.
     with pytest.raises(OSError) as failure:
-        ChatModel.load(make_settings(tmp_path / "no-model-here"))
+        ChatModel.load(model_settings(tmp_path / "no-model-here"))
 
     deadline = time.monotonic() + 5
     while torch_threads() > before and time.monotonic() < deadline:
@@ -279,7 +273,7 @@ def test_whitespace_only_falls_back(
 
 
 def test_chat_template_model_replies(tiny_chat_model_dir: Path) -> None:  # noqa: F811
-    chat = ChatModel.load(make_settings(tiny_chat_model_dir, system_prompt="Be brief."))
+    chat = ChatModel.load(model_settings(tiny_chat_model_dir, system_prompt="Be brief."))
     reply = chat.reply(TURNS)
     assert reply.text
     assert 0 < reply.new_tokens <= 8
@@ -374,7 +368,7 @@ def test_tiny_model_cli_prints_the_model_name(
     )
 
     assert f"MODEL_NAME={target.resolve()}" in capsys.readouterr().out.splitlines()
-    chat = ChatModel.load(make_settings(target, max_new_tokens=4))
+    chat = ChatModel.load(model_settings(target, max_new_tokens=4))
     assert chat.max_context_tokens == 64
     assert chat.model.config.n_layer == 1
     assert chat.tokenizer.chat_template

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from common.settings import Settings
-from tests.fixtures_model import tiny_model_dir  # noqa: F401
+from tests.fixtures_model import model_settings, tiny_model_dir  # noqa: F401
 from worker.context import Turn
 from worker.model import ChatModel
 from worker.quantization import conv1d_as_linear, quantize_int8, replace_conv1d
@@ -68,17 +68,9 @@ def test_int8_logits_stay_close_to_float32(tiny_model_dir: Path) -> None:  # noq
 
 
 def test_int8_model_loads_and_replies(tiny_model_dir: Path) -> None:  # noqa: F811
-    settings = Settings(
-        _env_file=None,
-        model_name=str(tiny_model_dir),
-        device="cpu",
-        do_sample=False,
-        max_new_tokens=8,
-        min_new_tokens=8,
-        model_quantization="int8",
+    chat = ChatModel.load(
+        model_settings(tiny_model_dir, min_new_tokens=8, model_quantization="int8")
     )
-
-    chat = ChatModel.load(settings)
 
     modules = list(chat.model.modules())
     layers = chat.model.config.n_layer
