@@ -59,7 +59,13 @@ class Settings(BaseSettings):
         default=8, ge=1, le=256, description="Most replies one generate call makes; 1: off."
     )
     generation_batch_wait_ms: float = Field(
-        default=5, ge=0, le=1000, description="How long an idle batcher waits for company."
+        default=5,
+        ge=0,
+        le=1000,
+        description=(
+            "How long an idle batcher waits for another reply to join a batch; "
+            "each one that joins restarts the wait."
+        ),
     )
     torch_threads: int = Field(
         default=0, ge=0, description="0: one per core, shared among prefork processes."

@@ -85,6 +85,42 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
     assert run.sizes == [1, 1]
 
 
+def submit_spaced(batcher: MicroBatcher[int, int], items: Sequence[int], gap: float) -> list[int]:
+    """Submit each item from its own thread, `gap` seconds after the previous one."""
+    with ThreadPoolExecutor(max_workers=len(items)) as pool:
+        futures = []
+        for item in items:
+            futures.append(pool.submit(batcher.submit, item))
+            time.sleep(gap)
+        return [future.result() for future in futures]
+
+
+def test_a_burst_longer_than_the_wait_leaves_as_one_batch() -> None:
+    """Each arrival restarts the wait: six requests 0.1 s apart span 0.5 s, longer than the
+    0.3 s wait, and still form one batch (a wait counted from the first would split it)."""
+    run = RecordingBatch()
+    batcher = MicroBatcher(run, max_batch_size=8, max_wait_seconds=0.3)
+
+    assert submit_spaced(batcher, list(range(6)), gap=0.1) == [n * n for n in range(6)]
+    assert run.sizes == [6]
+
+
+def test_a_full_batch_leaves_without_waiting_for_the_rest_of_the_burst() -> None:
+    run = RecordingBatch()
+    batcher = MicroBatcher(run, max_batch_size=3, max_wait_seconds=0.3)
+
+    assert submit_spaced(batcher, list(range(5)), gap=0.05) == [n * n for n in range(5)]
+    assert run.sizes == [3, 2]
+
+
+def test_a_pause_longer_than_the_wait_ends_the_batch() -> None:
+    run = RecordingBatch()
+    batcher = MicroBatcher(run, max_batch_size=8, max_wait_seconds=0.05)
+
+    assert submit_spaced(batcher, [1, 2], gap=0.5) == [1, 4]
+    assert run.sizes == [1, 1]
+
+
 def test_batch_size_one_runs_in_the_callers_thread() -> None:
     run = RecordingBatch()
     batcher = MicroBatcher(run, max_batch_size=1, max_wait_seconds=1.0)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,9 +33,10 @@ class _Request(Generic[Item, Result]):
 
 
 class MicroBatcher(Generic[Item, Result]):
-    """Collects requests for at most `max_wait_seconds` (or until a batch is full) and runs them.
+    """Collects requests until none has come for `max_wait_seconds` (or a batch is full) and
+    runs them.
 
-    The wait only applies when the batcher is idle: while one batch runs, the requests that
+    The wait only matters when the batcher is idle: while one batch runs, the requests that
     arrive queue up and form the next batch without further delay. A batch that raises is
     retried one item at a time, so one bad request cannot fail its neighbours.
     """
@@ -83,19 +83,18 @@ class MicroBatcher(Generic[Item, Result]):
             self._run(batch)
 
     def _collect(self) -> list[_Request[Item, Result]]:
+        """The next batch: every request that follows the previous one within the wait.
+
+        The wait restarts with each request that joins, so a burst (a broadcast answered by
+        many people, a worker catching up) leaves as one batch rather than as the few that
+        came in the first few milliseconds followed by the rest a whole generation later.
+        A batch leaves when it is full or when no request has come for `max_wait_seconds`,
+        so the longest an idle batcher ever waits is `max_batch_size` times the wait.
+        """
         batch = [self._requests.get()]
-        deadline = time.monotonic() + self.max_wait_seconds
         while len(batch) < self.max_batch_size:
             try:
-                batch.append(self._requests.get_nowait())
-                continue
-            except queue.Empty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self._requests.get(timeout=remaining))
+                batch.append(self._requests.get(timeout=self.max_wait_seconds))
             except queue.Empty:
                 break
         return batch
