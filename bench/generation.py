@@ -6,7 +6,8 @@ per token is the same as with the real weights. Every reply is exactly `--tokens
 (`min_new_tokens` = `max_new_tokens`), with the product's default sampling settings.
 
 N threads play N concurrent conversations (as N Celery threads of one worker would), each
-asking for `--rounds` replies in a row, through:
+asking for `--rounds` replies in a row (more where needed for `--min-replies` in all: two
+replies of one conversation cannot tell a 15% difference from noise), through:
 - naive-concurrent: each thread calls `generate` for its own message, all at once, on
   its own thread (a threads pool without batching);
 - naive-serial: one `generate` at a time, all on the model's torch thread (the product
@@ -16,7 +17,8 @@ asking for `--rounds` replies in a row, through:
 Each path runs in a process of its own, with its own copy of the model.
 
     python -m bench.generation [--shapes small medium] [--concurrency 1 4 16] [--dtype ...]
-                               [--quantization none int8]
+                               [--quantization none int8] [--rounds 2] [--min-replies 8]
+    python -m bench.generation --alternate-at-one 10 [--shapes ...] [--quantization ...]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,6 +126,7 @@ def measure(
     concurrency_levels: Sequence[int],
     tokens: int,
     rounds: int,
+    min_replies: int,
     path: str,
 ) -> list[Row]:
     """One path at every concurrency level, in a process of its own (see `main`)."""
@@ -137,8 +141,9 @@ def measure(
     run_threads(ask, 2, 1)  # warm-up: first calls allocate and pick kernels
     rows = []
     for concurrency in concurrency_levels:
-        seconds, generated, latencies = run_threads(ask, concurrency, rounds)
-        replies = concurrency * rounds
+        level_rounds = max(rounds, -(-min_replies // concurrency))
+        seconds, generated, latencies = run_threads(ask, concurrency, level_rounds)
+        replies = concurrency * level_rounds
         row = Row(
             shape=shape,
             dtype=dtype,
@@ -154,6 +159,44 @@ def measure(
         print(json.dumps(asdict(row)), flush=True)
         rows.append(row)
     return rows
+
+
+def alternate_at_one(
+    shape: str, dtype: str, quantization: str, model_dir: Path, tokens: int, pairs: int
+) -> dict[str, Any]:
+    """One conversation, batched against batch size 1, reply by reply in one process.
+
+    Separate processes run minutes apart, and this VM's speed drifts by ~20% in that time;
+    alternating the two paths on one model leaves only the difference between them: the
+    hop to the batcher's thread and its wait.
+    """
+    chat = ChatModel.load(settings_for(model_dir, tokens, 16, dtype, quantization))
+    turns = conversation(0)
+
+    def alone(turns: Sequence[Turn]) -> GeneratedReply:
+        """What GENERATION_BATCH_SIZE=1 does: the torch thread, no batcher."""
+        return chat.finish(chat._generate_on_torch_thread([chat.prompt_ids(turns)])[0])
+
+    paths = {"batched": chat.reply, "batch size 1": alone}
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for name in paths:
+        paths[name](turns)  # warm-up
+    for pair in range(pairs):
+        order = list(paths) if pair % 2 == 0 else list(reversed(paths))
+        for name in order:
+            started = time.perf_counter()
+            paths[name](turns)
+            seconds[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "shape": shape,
+        "dtype": dtype,
+        "quantization": quantization,
+        "pairs": pairs,
+        "seconds": {name: [round(v, 3) for v in values] for name, values in seconds.items()},
+        "median_s": {name: round(value, 3) for name, value in medians.items()},
+        "batched_vs_batch_size_1": round(medians["batch size 1"] / medians["batched"], 3),
+    }
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -184,14 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per reply")
     parser.add_argument("--rounds", type=int, default=2, help="replies per conversation")
+    parser.add_argument(
+        "--min-replies", type=int, default=8, help="fewest replies at each concurrency level"
+    )
     parser.add_argument("--dtype", nargs="+", default=["float32"])
     parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8"])
     parser.add_argument(
         "--paths", nargs="+", default=["naive-concurrent", "naive-serial", "batched"]
     )
+    parser.add_argument(
+        "--alternate-at-one",
+        type=int,
+        default=0,
+        metavar="PAIRS",
+        help="instead: one conversation, batched and batch size 1 alternated PAIRS times",
+    )
     args = parser.parse_args(argv)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    if args.alternate_at_one:
+        return run_alternating(args)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         for shape in args.shapes:
@@ -213,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.concurrency,
                         args.tokens,
                         args.rounds,
+                        args.min_replies,
                         path,
                     ).result()
     rows.sort(key=lambda r: (args.shapes.index(r.shape), args.dtype.index(r.dtype),
@@ -220,6 +276,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                              args.paths.index(r.path)))  # fmt: skip
     save_results("generation", {"rows": [asdict(r) for r in rows]})
     print(table(rows))
+    return 0
+
+
+def run_alternating(args: argparse.Namespace) -> int:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
+        for shape in args.shapes:
+            model_dir, _ = build_dialogpt_shape(Path(tmp) / shape, shape)
+            for dtype, quantization in itertools.product(args.dtype, args.quantization):
+                with ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn")
+                ) as pool:
+                    result = pool.submit(
+                        alternate_at_one,
+                        shape,
+                        dtype,
+                        quantization,
+                        model_dir,
+                        args.tokens,
+                        args.alternate_at_one,
+                    ).result()
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    save_results("generation_at_one", {"runs": results})
+    print("| shape | dtype | quantization | pairs | batched s (median) | batch size 1 s | ratio |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in results:
+        median = r["median_s"]
+        print(f"| {r['shape']} | {r['dtype']} | {r['quantization']} | {r['pairs']} | "
+              f"{median['batched']:.3f} | {median['batch size 1']:.3f} | "
+              f"{r['batched_vs_batch_size_1']:.2f}x |")  # fmt: skip
     return 0
 
 
