@@ -17,7 +17,7 @@ replies of one conversation cannot tell a 15% difference from noise), through:
 Each path runs in a process of its own, with its own copy of the model.
 
     python -m bench.generation [--shapes small medium] [--concurrency 1 4 16] [--dtype ...]
-                               [--quantization none int8] [--rounds 2] [--min-replies 8]
+                               [--quantization none int8 packed] [--rounds 2] [--min-replies 8]
     python -m bench.generation --alternate-at-one 10 [--shapes ...] [--quantization ...]
 """
 
@@ -81,12 +81,15 @@ def conversation(index: int) -> list[Turn]:
 def settings_for(
     model_dir: Path, tokens: int, batch_size: int, dtype: str, quantization: str
 ) -> Settings:
+    """`quantization` "packed" stands for MODEL_PACKED_LINEAR=true (float32 weights, laid
+    out for oneDNN): one column for the three ways the linear layers can run."""
     return Settings(
         _env_file=None,
         model_name=str(model_dir),
         device="cpu",
         model_dtype=dtype,
-        model_quantization=quantization,
+        model_quantization="none" if quantization == "packed" else quantization,
+        model_packed_linear=quantization == "packed",
         max_new_tokens=tokens,
         min_new_tokens=tokens,
         generation_batch_size=batch_size,
@@ -231,7 +234,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--min-replies", type=int, default=8, help="fewest replies at each concurrency level"
     )
     parser.add_argument("--dtype", nargs="+", default=["float32"])
-    parser.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8"])
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=["none"],
+        choices=["none", "int8", "packed"],
+        help="packed: MODEL_PACKED_LINEAR=true",
+    )
     parser.add_argument(
         "--paths", nargs="+", default=["naive-concurrent", "naive-serial", "batched"]
     )

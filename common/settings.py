@@ -81,6 +81,10 @@ class Settings(BaseSettings):
         default="none",
         description="int8: dynamic int8 quantisation of the linear layers (CPU only).",
     )
+    model_packed_linear: bool = Field(
+        default=False,
+        description="float32 on CPU: linear weights laid out once for oneDNN (faster, more RAM).",
+    )
     max_new_tokens: int = Field(default=64, gt=0)
     min_new_tokens: int = Field(default=0, ge=0)
     do_sample: bool = True
@@ -150,18 +154,28 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _quantization_fits(self) -> Settings:
-        """int8 quantises float32 weights on the CPU; other combinations cannot run."""
+    def _cpu_weight_options_fit(self) -> Settings:
+        """int8 and packed linear layers rework float32 weights on the CPU; nothing else runs."""
+        options = []
         if self.model_quantization == "int8":
+            options.append("MODEL_QUANTIZATION=int8")
+        if self.model_packed_linear:
+            options.append("MODEL_PACKED_LINEAR=true")
+        if len(options) > 1:
+            raise ValueError(
+                "MODEL_PACKED_LINEAR=true lays out float32 weights that MODEL_QUANTIZATION=int8 "
+                "replaces: choose one"
+            )
+        for option in options:
             if self.model_dtype not in ("auto", "float32"):
                 raise ValueError(
-                    f"MODEL_QUANTIZATION=int8 quantises float32 weights; MODEL_DTYPE="
-                    f"{self.model_dtype} cannot be combined with it (use auto or float32)"
+                    f"{option} works on float32 weights; MODEL_DTYPE={self.model_dtype} "
+                    "cannot be combined with it (use auto or float32)"
                 )
             if self.device.startswith("cuda"):
                 raise ValueError(
-                    "MODEL_QUANTIZATION=int8 runs on the CPU only; with DEVICE="
-                    f"{self.device} use MODEL_QUANTIZATION=none (CUDA uses float16 by itself)"
+                    f"{option} runs on the CPU only; with DEVICE={self.device} leave it out "
+                    "(CUDA uses float16 by itself)"
                 )
         return self
 

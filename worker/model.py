@@ -24,6 +24,7 @@ from common.settings import Settings, get_settings
 from worker.batching import MicroBatcher
 from worker.context import Turn, build_input_ids
 from worker.metrics import GENERATION_BATCH_SIZE
+from worker.packing import pack_linear_layers
 from worker.quantization import quantize_int8
 from worker.sampling import SampleAmongTopK
 
@@ -155,6 +156,9 @@ class ChatModel:
         if settings.model_quantization == "int8":
             layers = quantize_int8(model, device)
             logger.info("model quantised: %d linear layers to int8 (dynamic)", layers)
+        if settings.model_packed_linear:
+            layers = pack_linear_layers(model, device)
+            logger.info("model packed: %d linear layers laid out for oneDNN", layers)
         return cls(model, tokenizer, settings, device, torch_thread)
 
     def reply(self, turns: Sequence[Turn]) -> GeneratedReply:
