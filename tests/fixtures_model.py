@@ -17,6 +17,13 @@ from worker.tiny_model import build_tiny_model
 TINY_CONTEXT = 256
 
 
+def load_raw(model_dir: Path) -> Any:
+    """The model alone, in eval mode, as transformers loads it (no ChatModel around it)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+
+
 def model_settings(model_dir: Path, **overrides: Any) -> Settings:
     """Settings for a tiny model on the CPU, greedy, 8 new tokens, without any `.env`."""
     values: dict[str, Any] = {

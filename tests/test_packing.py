@@ -9,12 +9,11 @@ import pydantic
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 import worker.packing
 from common.settings import Settings
-from tests.fixtures_model import model_settings, tiny_model_dir  # noqa: F401
+from tests.fixtures_model import load_raw, model_settings, tiny_model_dir  # noqa: F401
 from worker.context import Turn
 from worker.model import ChatModel
 from worker.packing import PackedLinear, pack_linear_layers, packing_unavailable
@@ -28,10 +27,6 @@ CONVERSATIONS = [
     [Turn("user", "Hola"), Turn("assistant", "¿En qué te ayudo?"), Turn("user", "mi pedido")],
     [Turn("user", "Can I change the delivery address after paying?")],
 ]
-
-
-def load_raw(model_dir: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])
@@ -95,15 +90,6 @@ def test_a_torch_without_the_operators_stops_the_load_with_a_clear_error(
 
     with pytest.raises(RuntimeError, match="MODEL_PACKED_LINEAR=true cannot run: no oneDNN"):
         ChatModel.load(model_settings(tiny_model_dir, model_packed_linear=True))
-
-
-def test_packing_on_cuda_is_refused(tiny_model_dir: Path) -> None:  # noqa: F811
-    model = load_raw(tiny_model_dir)
-
-    with pytest.raises(ValueError, match="DEVICE=cpu"):
-        pack_linear_layers(model, "cuda:0")
-
-    assert any(isinstance(m, Conv1D) for m in model.modules())  # left as it was
 
 
 @pytest.mark.parametrize(

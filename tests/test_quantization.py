@@ -1,29 +1,27 @@
 """MODEL_QUANTIZATION=int8: GPT-2's Conv1D layers become nn.Linear with the same
-arithmetic, then every linear layer is int8, loaded through the production path."""
+arithmetic, then every linear layer is int8, loaded through the production path. Also the
+CUDA refusal that int8 shares with MODEL_PACKED_LINEAR."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pydantic
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from common.settings import Settings
-from tests.fixtures_model import model_settings, tiny_model_dir  # noqa: F401
+from tests.fixtures_model import load_raw, model_settings, tiny_model_dir  # noqa: F401
 from worker.context import Turn
 from worker.model import ChatModel
+from worker.packing import pack_linear_layers
 from worker.quantization import conv1d_as_linear, quantize_int8, replace_conv1d
 
 QuantizedLinear = torch.ao.nn.quantized.dynamic.Linear
 TURNS = [Turn("user", "Hola, ¿abren el domingo?")]
-
-
-def load_raw(model_dir: Path) -> nn.Module:
-    return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
 
 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -81,11 +79,19 @@ def test_int8_model_loads_and_replies(tiny_model_dir: Path) -> None:  # noqa: F8
     assert reply.text
 
 
-def test_int8_on_cuda_is_refused(tiny_model_dir: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize(
+    ("transform", "option"),
+    [(quantize_int8, "MODEL_QUANTIZATION=int8"), (pack_linear_layers, "MODEL_PACKED_LINEAR")],
+)
+def test_cpu_weight_transforms_refuse_cuda_and_leave_the_model(
+    transform: Callable[[nn.Module, str], int],
+    option: str,
+    tiny_model_dir: Path,  # noqa: F811
+) -> None:
     model = load_raw(tiny_model_dir)
 
-    with pytest.raises(ValueError, match="DEVICE=cpu"):
-        quantize_int8(model, "cuda:0")
+    with pytest.raises(ValueError, match=f"{option}.*DEVICE=cpu"):
+        transform(model, "cuda:0")
 
     assert any(isinstance(m, Conv1D) for m in model.modules())  # left as it was
 

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from worker.quantization import require_cpu
+
 # The batch the layout is chosen for; any number of rows works with it.
 LAYOUT_ROWS_HINT = 16
 
@@ -73,11 +75,7 @@ def pack_linear_layers(model: nn.Module, device: str) -> int:
     keeps a second copy of that matrix (154 MB for DialoGPT-small), the price of the
     largest product of every decoding step running ~4x faster.
     """
-    if device != "cpu":
-        raise ValueError(
-            f"MODEL_PACKED_LINEAR=true runs on the CPU only, and the model is on {device}: "
-            "set DEVICE=cpu, or leave MODEL_PACKED_LINEAR out (CUDA uses float16 by itself)"
-        )
+    require_cpu("MODEL_PACKED_LINEAR=true", device)
     missing = packing_unavailable()
     if missing is not None:
         raise RuntimeError(f"MODEL_PACKED_LINEAR=true cannot run: {missing}")

@@ -26,6 +26,18 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+def require_cpu(option: str, device: str) -> None:
+    """Refuse a CPU-only weight transform for a model on another device, left untouched.
+
+    The settings refuse `DEVICE=cuda*` up front; this catches `DEVICE=auto` finding CUDA.
+    """
+    if device != "cpu":
+        raise ValueError(
+            f"{option} runs on the CPU only, and the model is on {device}: "
+            f"set DEVICE=cpu, or leave {option} out (CUDA uses float16 by itself)"
+        )
+
+
 def conv1d_as_linear(layer: Conv1D) -> nn.Linear:
     """The `nn.Linear` computing what `layer` computes: `x @ W + b`, W stored in by out."""
     inputs, outputs = layer.weight.shape
@@ -52,11 +64,7 @@ def quantize_int8(model: nn.Module, device: str) -> int:
 
     CPU only: torch has no dynamic int8 kernels for CUDA.
     """
-    if device != "cpu":
-        raise ValueError(
-            f"MODEL_QUANTIZATION=int8 runs on the CPU only, and the model is on {device}: "
-            "set DEVICE=cpu, or MODEL_QUANTIZATION=none (CUDA uses float16 by itself)"
-        )
+    require_cpu("MODEL_QUANTIZATION=int8", device)
     replace_conv1d(model)
     linear_layers = sum(isinstance(m, nn.Linear) for m in model.modules())
     with warnings.catch_warnings():
