@@ -62,6 +62,18 @@ def test_packing_keeps_the_models_logits_to_rounding(tiny_model_dir: Path) -> No
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_packing_leaves_no_tensor_viewing_the_loaded_weights(tiny_model_dir: Path) -> None:  # noqa: F811
+    """What is left after packing owns its memory, so the weights file can be unmapped."""
+    model = load_raw(tiny_model_dir)
+    loaded = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+
+    pack_linear_layers(model, "cpu")
+
+    left = [t for t in model.state_dict().values() if not t.is_mkldnn]
+    assert left, "embeddings, norms and biases stay ordinary tensors"
+    assert not {t.untyped_storage().data_ptr() for t in left} & loaded
+
+
 def test_packed_model_loads_and_batched_replies_equal_unbatched(
     tiny_model_dir: Path,  # noqa: F811
 ) -> None:

@@ -12,8 +12,10 @@ is recompiled when batch sizes or prompt lengths change.
 Those two operators are internal to torch (2.13, pinned in requirements.txt); a torch
 without them, or without oneDNN, stops the worker at start-up with a clear line. Results
 differ from `nn.Linear`'s by rounding (about 1e-6 in the logits). The packed weights are
-a private copy in each process: RSS grows by about the size of the weights (section 4),
-which is why `MODEL_PACKED_LINEAR` is opt-in.
+private to each process, where unpacked ones are file pages that prefork children share,
+and the output layer's packed weight repeats the input embeddings' matrix: RSS grows by
+~160 MB for DialoGPT-small (BENCHMARKS.md, section 3), which is why
+`MODEL_PACKED_LINEAR` is opt-in.
 """
 
 from __future__ import annotations
@@ -86,4 +88,22 @@ def pack_linear_layers(model: nn.Module, device: str) -> int:
             if twin is not None:
                 setattr(parent, name, twin)  # one layer at a time: the old weight goes now
                 packed += 1
+    copy_out_of_the_weights_file(model)
     return packed
+
+
+def copy_out_of_the_weights_file(model: nn.Module) -> None:
+    """Give the tensors packing left (embeddings, norms, biases) memory of their own.
+
+    transformers reads safetensors through a memory map and the tensors view it, so the
+    whole file stays resident while any of them is alive. Copied out, the few left take
+    their own ~160 MB (DialoGPT-small) and the file is unmapped: RSS 1363 -> 1031 MB
+    against 878 unpacked (BENCHMARKS.md, section 3).
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            for parameter in module.parameters(recurse=False):
+                parameter.data = parameter.data.clone()
+            for name, buffer in list(module.named_buffers(recurse=False)):
+                if buffer is not None and not buffer.is_mkldnn:
+                    setattr(module, name, buffer.clone())
