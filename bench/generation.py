@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,6 +44,8 @@ from bench.harness import DIALOGPT_SHAPES, build_dialogpt_shape, save_results
 from common.settings import Settings
 from worker.context import Turn
 from worker.model import ChatModel, GeneratedReply
+
+Result = TypeVar("Result")
 
 # Short WhatsApp-like exchanges of different lengths (prompts of about 10-60 tokens).
 OPENERS = [
@@ -202,6 +204,13 @@ def alternate_at_one(
     }
 
 
+def in_own_process(function: Callable[..., Result], *args: Any) -> Result:
+    """`function(*args)` in a fresh process: threads that ran torch (naive-concurrent's)
+    keep OpenMP pools that would slow every path measured after them (ChatModel)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
 def table(rows: Sequence[Row]) -> str:
     lines = [
         "| shape | dtype | quantization | conversations | path | replies/s | tokens/s "
@@ -263,23 +272,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for dtype, quantization, path in itertools.product(
                 args.dtype, args.quantization, args.paths
             ):
-                # A fresh process per path: threads that ran torch (naive-concurrent's) keep
-                # OpenMP pools that would slow every path measured after them (ChatModel).
-                with ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn")
-                ) as pool:
-                    rows += pool.submit(
-                        measure,
-                        shape,
-                        dtype,
-                        quantization,
-                        model_dir,
-                        args.concurrency,
-                        args.tokens,
-                        args.rounds,
-                        args.min_replies,
-                        path,
-                    ).result()
+                rows += in_own_process(
+                    measure,
+                    shape,
+                    dtype,
+                    quantization,
+                    model_dir,
+                    args.concurrency,
+                    args.tokens,
+                    args.rounds,
+                    args.min_replies,
+                    path,
+                )
     rows.sort(key=lambda r: (args.shapes.index(r.shape), args.dtype.index(r.dtype),
                              args.quantization.index(r.quantization), r.concurrency,
                              args.paths.index(r.path)))  # fmt: skip
@@ -294,18 +298,15 @@ def run_alternating(args: argparse.Namespace) -> int:
         for shape in args.shapes:
             model_dir, _ = build_dialogpt_shape(Path(tmp) / shape, shape)
             for dtype, quantization in itertools.product(args.dtype, args.quantization):
-                with ProcessPoolExecutor(
-                    1, mp_context=multiprocessing.get_context("spawn")
-                ) as pool:
-                    result = pool.submit(
-                        alternate_at_one,
-                        shape,
-                        dtype,
-                        quantization,
-                        model_dir,
-                        args.tokens,
-                        args.alternate_at_one,
-                    ).result()
+                result = in_own_process(
+                    alternate_at_one,
+                    shape,
+                    dtype,
+                    quantization,
+                    model_dir,
+                    args.tokens,
+                    args.alternate_at_one,
+                )
                 print(json.dumps(result), flush=True)
                 results.append(result)
     save_results("generation_at_one", {"runs": results})

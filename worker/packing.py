@@ -48,9 +48,8 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), LAYOUT_ROWS_HINT)
         self.register_buffer("packed_weight", packed, persistent=False)
-        self.register_buffer(
-            "bias", None if bias is None else bias.detach().clone(), persistent=False
-        )
+        # The bias may still view the weights file: pack_linear_layers copies it out later.
+        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
 
     @classmethod
     def replacing(cls, layer: nn.Module) -> PackedLinear | None:
