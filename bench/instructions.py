@@ -16,6 +16,8 @@ The worker's reply round is counted the same way: `Responder.answer` in-process,
 full histories, signed callbacks to a receiver, here in the parent process so that its
 instructions are not counted). Each round needs a message accepted first; a second pair
 of runs accepts the same messages without answering them, and its count is subtracted.
+A task of two rounds (the second message arriving while the first reply is made, as for
+most messages of back-to-back conversations) is counted the same way against two accepts.
 
 Each count comes from two runs under callgrind, one with `--warmup` requests (or rounds)
 and one with `--warmup` plus `--requests`; the difference over `--requests` leaves out
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -110,11 +113,16 @@ def drive(spec: str, requests: int, run_name: str) -> None:
 
 
 ACCEPT_ONLY = "accept-only"  # the worker child's mode that accepts without answering
+# A task of two rounds: its second message arrives while the first reply is being made
+# (back-to-back conversations answer about two thirds of their messages so, without a
+# task of their own). Counted against two accepts without answers.
+TWO_ROUNDS, TWO_ACCEPTS = "two-rounds", "two-accepts"
+ANSWERS = {"answer": 1, ACCEPT_ONLY: 0, TWO_ROUNDS: 2, TWO_ACCEPTS: 0}
 
 
 def drive_worker(mode: str, rounds: int, run_name: str, variant: str = "") -> None:
-    """Child: reply rounds (or only their accepts) for 8 sessions with full histories."""
-    from bench.reply_round import accept_message, instant_responder
+    """Child: reply tasks (or only their accepts) for 8 sessions with full histories."""
+    from bench.reply_round import REPLY, accept_message, instant_responder
     from common.logging_setup import configure_logging
     from common.settings import get_settings
 
@@ -125,19 +133,34 @@ def drive_worker(mode: str, rounds: int, run_name: str, variant: str = "") -> No
         responder = instant_responder()
     sessions = [f"{run_name}-{n}" for n in range(8)]
     sent = 0
+    arriving: list[str] = []  # a session whose next message arrives during generation
 
-    def one_round(session: str, answer: bool = True) -> None:
+    def accept(session: str) -> None:
         nonlocal sent
         sent += 1
         accept_message(responder, session, f"wamid.{run_name}.{sent}")
-        if answer and responder.answer(session) != 1:
-            raise SystemExit(f"round {sent} made no reply")
+
+    def generate(turns: object) -> str:
+        while arriving:
+            accept(arriving.pop())
+        return REPLY
+
+    responder = dataclasses.replace(responder, generate=generate)
+
+    def one_task(session: str, mode: str = "answer") -> None:
+        accept(session)
+        if mode in (TWO_ROUNDS, TWO_ACCEPTS):
+            arriving.append(session)
+        if mode == TWO_ACCEPTS:
+            generate(None)
+        if ANSWERS[mode] and responder.answer(session) != ANSWERS[mode]:
+            raise SystemExit(f"task {sent} did not make {ANSWERS[mode]} replies")
 
     for _ in range(settings.max_history_messages // 2 + 2):  # full histories
         for session in sessions:
-            one_round(session)
+            one_task(session)
     for n in range(rounds):
-        one_round(sessions[n % len(sessions)], answer=mode != ACCEPT_ONLY)
+        one_task(sessions[n % len(sessions)], mode)
 
 
 def count(spec: str, requests: int, env: dict[str, str], run_name: str) -> int:
@@ -190,12 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (name, spec) in enumerate(targets.items()):
                 counts[name] = per_request(spec, args, env, f"{run.prefix}-{i}")
                 print(f"  {name}: {counts[name]:,} instructions per request", flush=True)
+            # Accepts without answers pile up; the inbox's cap would refuse them.
+            worker_env = {**env, "MAX_PENDING_PER_SESSION": str(10 * (args.warmup + args.requests))}
             worker_variants = [""] + [v for v in args.variant if v in WORKER_VARIANTS]
             for variant in [] if args.skip_worker else worker_variants:
-                for mode in ("answer", ACCEPT_ONLY):
+                for mode in ANSWERS:
                     name = f"{mode}, {variant}" if variant else mode
                     tag = f"{run.prefix}-{mode}-{variant}"
-                    worker[name] = per_request(f"worker:{mode}:{variant}", args, env, tag)
+                    spec = f"worker:{mode}:{variant}"
+                    worker[name] = per_request(spec, args, worker_env, tag)
                     print(f"  worker, {name}: {worker[name]:,} instructions per round", flush=True)
     finally:
         purged = run.purge()
@@ -214,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"- worker{suffix}: **{round_only:,}** instructions per reply round (full history, "
               f"signed callback), after subtracting the "
               f"{worker[f'{ACCEPT_ONLY}{suffix}']:,} of its message's accept")  # fmt: skip
+        two = worker[f"{TWO_ROUNDS}{suffix}"] - worker[f"{TWO_ACCEPTS}{suffix}"]
+        worker[f"task of two rounds{suffix}"] = two
+        print(f"- worker{suffix}: **{two:,}** instructions per task of two rounds (the second "
+              f"message arriving during the first generation), after subtracting the "
+              f"{worker[f'{TWO_ACCEPTS}{suffix}']:,} of its two accepts")  # fmt: skip
     path = save_results("instructions", {"requests": args.requests, "warmup": args.warmup,
                                          "instructions_per_request": counts,
                                          "worker_instructions_per_round": worker})  # fmt: skip

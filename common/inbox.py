@@ -89,13 +89,28 @@ _CLAIM = "local inbox, processing, ttl = KEYS[1], KEYS[2], ARGV[1]" + _CLAIM_STE
 # took three. nil, with nothing claimed, when another worker holds the lock. The history
 # comes back as one JSON array (its items are JSON already): one reply string to read
 # instead of up to MAX_HISTORY_MESSAGES, which redis-py would parse one by one.
-_LOCK_AND_CLAIM = (
-    "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end\n"
+_CLAIM_WITH_HISTORY = (
     "local inbox, processing, ttl = KEYS[2], KEYS[3], ARGV[3]\n"
     "local function claim()" + _CLAIM_STEPS + "end\n"
     "local history = '[' .. table.concat(redis.call('LRANGE', KEYS[4], 0, -1), ',') .. ']'\n"
     "return {claim(), history,"
     " redis.call('HGET', KEYS[5], 'conversation_id')}"
+)
+_LOCK_AND_CLAIM = (
+    "if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end\n"
+    + _CLAIM_WITH_HISTORY
+)
+
+# KEYS and ARGV as _LOCK_AND_CLAIM's. The end of a round for a holder that claims as soon
+# as it holds the lock: with messages waiting, keep the lock (a fresh TTL, the same token)
+# and claim them with the history, as a release followed by _LOCK_AND_CLAIM would, in one
+# round trip instead of two; with none, release it. {released, waiting} when it was let go
+# (released 0: the lock was no longer ours), or the claim as _LOCK_AND_CLAIM returns it.
+_CLAIM_MORE_OR_RELEASE = (
+    "local waiting = redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])\n"
+    "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0, waiting} end\n"
+    "if waiting == 0 then redis.call('DEL', KEYS[1]) return {1, 0} end\n"
+    "redis.call('PEXPIRE', KEYS[1], ARGV[2])\n" + _CLAIM_WITH_HISTORY
 )
 
 AcceptStatus = Literal["queued", "duplicate", "rate_limited", "inbox_full"]
@@ -134,12 +149,25 @@ def _batch(raw: list[str]) -> Batch:
 
 
 @dataclass(frozen=True)
+class Released:
+    """A session's lock let go at the end of a round, and what waited for it then."""
+
+    ours: bool  # False: the lock had expired or been taken over before the release
+    waiting: int  # messages in the inbox and processing list at the release
+
+
+@dataclass(frozen=True)
 class LockedClaim:
     """What a round starts from once the lock is taken: the batch and the stored history."""
 
     batch: Batch
     history_json: str  # the session's stored messages as one JSON array, oldest first
     conversation_id: str | None  # None until a first reply was committed
+
+
+def _locked_claim(found: list) -> LockedClaim:  # type: ignore[type-arg]
+    claimed, history_json, conversation_id = found
+    return LockedClaim(_batch(claimed), history_json, conversation_id)
 
 
 class Inbox:
@@ -151,6 +179,7 @@ class Inbox:
         self._withdraw = client.register_script(_WITHDRAW)
         self._claim = client.register_script(_CLAIM)
         self._lock_and_claim = client.register_script(_LOCK_AND_CLAIM)
+        self._claim_more_or_release = client.register_script(_CLAIM_MORE_OR_RELEASE)
         self._client = client
 
     def accept(
@@ -208,10 +237,20 @@ class Inbox:
             keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
             args=[token, lock_ttl_ms, self._settings.session_expire_time],
         )
-        if found is None:
-            return None
-        claimed, history_json, conversation_id = found
-        return LockedClaim(_batch(claimed), history_json, conversation_id)
+        return None if found is None else _locked_claim(found)
+
+    def claim_more_or_release(
+        self, keys: SessionKeys, token: str, lock_ttl_ms: int
+    ) -> LockedClaim | Released:
+        """End a round held with `token`: claim what waits (keeping the lock, its TTL
+        renewed) or, with nothing waiting, release the lock (`SessionLocks.end_round`)."""
+        found = self._claim_more_or_release(
+            keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
+            args=[token, lock_ttl_ms, self._settings.session_expire_time],
+        )
+        if len(found) == 2:
+            return Released(ours=bool(found[0]), waiting=int(found[1]))
+        return _locked_claim(found)
 
     def has_pending(self, keys: SessionKeys) -> bool:
         pipe = self._client.pipeline(transaction=False)

@@ -127,6 +127,30 @@ def test_message_arriving_during_generation_is_answered_next_by_the_holder(setup
     assert [a.needs_task for a in accepted] == [False]  # so only the holder could answer it
 
 
+def test_messages_arriving_during_generation_are_answered_without_letting_the_lock_go(
+    setup, redis_client
+):
+    # Each round after the first claims what arrived in the step that would have released
+    # the lock: the lock keeps its token throughout, so no other task could take a turn.
+    responder, inbox, recorder, keys = setup
+    counter = iter(range(1, 3))
+    tokens: list[str] = []
+
+    def arrive() -> None:
+        tokens.append(redis_client.get(keys.lock))
+        if (n := next(counter, None)) is not None:
+            assert not inbox.accept(keys, message(n)).needs_task
+
+    inbox.accept(keys, message(0))
+    recorder.during_generation = arrive
+
+    assert responder.answer(SESSION) == 3
+
+    assert [p.in_reply_to for p, _, _ in recorder.delivered] == [["m0"], ["m1"], ["m2"]]
+    assert len(tokens) == 3 and len(set(tokens)) == 1 and tokens[0]
+    assert not redis_client.exists(keys.lock) and not inbox.has_pending(keys)
+
+
 class ArrivalAfterEmptyClaim(Inbox):
     """An inbox where one message arrives just after a claim that found nothing."""
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from common.inbox import Released
 from common.keys import SessionKeys, session_keys
 from common.settings import Settings
 from worker.session_lock import LockRenewer, SessionLocks
@@ -340,3 +341,59 @@ def test_an_acquire_that_fails_after_taking_the_lock_frees_it(
         pass
     assert not redis_client.exists(keys.lock)
     assert renewer.holding == 0
+
+
+def test_a_round_that_keeps_the_lock_holds_it_to_the_block_end(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    locks = SessionLocks(redis_client, 30, renewer)
+    with locks.hold(keys) as held:
+        seen: list[tuple[str, int]] = []
+
+        def keep(token: str, ttl_ms: int) -> str:
+            seen.append((token, ttl_ms))
+            return "next round"
+
+        assert locks.end_round(held, keep) == "next round"
+        assert seen == [(held.token, 30_000)] and not held.released
+        assert redis_client.get(keys.lock) == held.token and renewer.holding == 1
+        redis_client.rpush(keys.inbox, "new")
+    assert held.waiting == 1  # released and counted at the block's end, as always
+    assert not redis_client.exists(keys.lock) and renewer.holding == 0
+
+
+def test_a_round_that_lets_the_lock_go_leaves_the_next_holder_alone(
+    redis_client: redis.Redis, keys: SessionKeys, renewer: LockRenewer
+) -> None:
+    locks = SessionLocks(redis_client, 30, renewer)
+    with locks.hold(keys) as held:
+
+        def let_go(token: str, ttl_ms: int) -> Released:
+            assert redis_client.delete(keys.lock) == 1
+            return Released(ours=True, waiting=0)
+
+        assert locks.end_round(held, let_go) is None
+        assert held.released and held.waiting == 0
+        redis_client.set(keys.lock, "next-holder", px=30_000)  # a new task took it
+    assert redis_client.get(keys.lock) == "next-holder"
+    assert renewer.holding == 0
+
+
+def test_no_renewal_runs_while_a_round_may_be_letting_the_lock_go(
+    redis_client: redis.Redis,
+    keys: SessionKeys,
+    renewer: LockRenewer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A renewal between the script's release and the hold's end would find the lock gone
+    # and warn that it was lost: the renewer skips the lock while the round ends.
+    locks = SessionLocks(redis_client, TTL, renewer)
+    with locks.hold(keys) as held:
+
+        def slow_let_go(token: str, ttl_ms: int) -> Released:
+            redis_client.delete(keys.lock)
+            time.sleep(TTL / 3 + 0.5)  # a renewal falls due meanwhile
+            return Released(ours=True, waiting=0)
+
+        assert locks.end_round(held, slow_let_go) is None
+    assert "lost" not in caplog.text

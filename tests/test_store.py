@@ -7,7 +7,7 @@ import pytest
 from redis.crc import key_slot
 
 from common.conversation_store import ConversationStore, new_conversation_id
-from common.inbox import Inbox
+from common.inbox import Inbox, LockedClaim, Released
 from common.keys import session_keys
 from common.messages import PendingMessage, StoredMessage
 from tests.factories import outbox_entry
@@ -309,3 +309,39 @@ def test_load_reads_history_and_conversation_id_together(parts):
     ]
     assert [{"role": m.role, "content": m.content} for m in store.turns(keys)] == loaded.turns
     assert loaded.conversation_id == "conv_+59170000001_1700000000"
+
+
+def test_claim_more_keeps_the_lock_and_claims_what_waits(parts, redis_client):
+    keys, inbox, store = parts
+    inbox.accept(keys, pending(0))
+    first = inbox.lock_and_claim(keys, "token", 30_000)
+    assert first is not None and answer(store, keys, first.batch, reply="hello") is True
+    inbox.accept(keys, pending(1))  # arrived while the lock was held: no task of its own
+    redis_client.pexpire(keys.lock, 5_000)
+
+    more = inbox.claim_more_or_release(keys, "token", 30_000)
+
+    assert isinstance(more, LockedClaim)
+    assert [m.message_id for m in more.batch.messages] == ["m1"]
+    assert ConversationStore.from_claim(more) == store.load(keys)
+    assert redis_client.get(keys.lock) == "token"
+    assert 29_000 < redis_client.pttl(keys.lock) <= 30_000  # a fresh TTL, same token
+    assert redis_client.llen(keys.inbox) == 0
+
+
+def test_claim_more_with_nothing_waiting_releases_the_lock(parts, redis_client):
+    keys, inbox, _ = parts
+    assert inbox.lock_and_claim(keys, "token", 30_000) is not None
+
+    assert inbox.claim_more_or_release(keys, "token", 30_000) == Released(ours=True, waiting=0)
+    assert not redis_client.exists(keys.lock)
+
+
+def test_claim_more_with_a_lost_lock_claims_nothing_and_leaves_the_new_holder(parts, redis_client):
+    keys, inbox, _ = parts
+    redis_client.set(keys.lock, "new-holder", px=30_000)  # ours expired, another took it
+    inbox.accept(keys, pending(0))
+
+    assert inbox.claim_more_or_release(keys, "token", 30_000) == Released(ours=False, waiting=1)
+    assert redis_client.get(keys.lock) == "new-holder"
+    assert redis_client.llen(keys.inbox) == 1 and redis_client.llen(keys.processing) == 0

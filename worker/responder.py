@@ -4,9 +4,10 @@ Plain code with its collaborators passed in, so it runs the same under Celery an
 test. The guarantees of DESIGN.md live here:
 - one generation at a time per session (a Redis lock with a token and an expiry);
 - everything pending is answered together as one user turn (the claim takes it all);
-- after releasing the lock the inbox is checked once more, so a message that arrived
-  while the lock was held is never stranded: the webhook queues no task for it, and a
-  task queued just before the lock was taken finds it taken and leaves.
+- a message that arrives while the lock is held is never stranded: the webhook queues no
+  task for it, so the holder claims it in the step that would release the lock (keeping
+  the lock for one more round) or, where it releases first, counts it in the release and
+  looks again; a task queued just before the lock was taken finds it taken and leaves.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import redis
 
@@ -96,28 +98,39 @@ class Responder:
     def answer(self, session_id: str) -> int:
         """Answer what is pending for a session; the number of replies made."""
         keys = session_keys(self.settings.key_prefix, session_id)
-        replies = 0
-        for _ in range(MAX_ROUNDS_PER_TASK):
+        replies = rounds = 0
+        while rounds < MAX_ROUNDS_PER_TASK:
             claiming = _ClaimOnAcquire(self.inbox, keys)
             # Without debounce there is nothing to decide between lock and claim: one step.
             acquire = claiming if self.settings.debounce_seconds <= 0 else None
             with self.locks.hold(keys, acquire) as hold:
                 if not hold.acquired:
                     return replies  # the holder will see our messages after it releases
-                if claiming.claim is None:
-                    wait = self._debounce_wait(keys)
-                    if wait > 0:
-                        self.requeue(session_id, wait)
-                        return replies
-                    batch = self.inbox.claim(keys)
-                else:
-                    batch = claiming.claim.batch
-                if batch:
-                    self._answer_batch(session_id, keys, batch, claiming.claim)
-                    replies += 1
-            # Messages accepted while we held the lock got no task of their own (the
-            # webhook leaves them to the holder), so look again whatever this round found:
-            # the release counted them in the same step.
+                claim = claiming.claim
+                while True:
+                    rounds += 1
+                    if claim is None:
+                        wait = self._debounce_wait(keys)
+                        if wait > 0:
+                            self.requeue(session_id, wait)
+                            return replies
+                        batch = self.inbox.claim(keys)
+                    else:
+                        batch = claim.batch
+                    if batch:
+                        self._answer_batch(session_id, keys, batch, claim)
+                        replies += 1
+                    if claim is None or rounds == MAX_ROUNDS_PER_TASK:
+                        break
+                    # Messages accepted while we hold the lock get no task of their own
+                    # (the webhook leaves them to the holder): claim them without letting
+                    # go, or release with nothing waiting.
+                    claim = self.locks.end_round(
+                        hold, partial(self.inbox.claim_more_or_release, keys)
+                    )
+                    if claim is None:
+                        break
+            # Released with what waited counted in the same step: look again if anything did.
             waiting = hold.waiting if hold.waiting is not None else self.inbox.has_pending(keys)
             if not waiting:
                 return replies

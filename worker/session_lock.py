@@ -19,9 +19,11 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
+from common.inbox import Released
 from common.keys import SessionKeys
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 Renew = Callable[[], bool]
 # Takes a session's lock with (token, ttl in ms) if no one holds it: True if it did.
 Acquire = Callable[[str, int], bool]
+T = TypeVar("T")
+# Ends a round held with (token, ttl in ms): keeps the lock and returns the next round's
+# start, or lets the lock go (`Inbox.claim_more_or_release`).
+EndRound = Callable[[str, int], T | Released]
 
 
 @dataclass
@@ -162,6 +168,11 @@ class Hold:
     # Messages in the inbox and processing list when the lock was released; None if the
     # lock was never held or the release could not reach Redis.
     waiting: int | None = None
+    token: str = ""
+    # Let go by `SessionLocks.end_round` already: the block's end releases nothing then.
+    released: bool = False
+    # Set while `end_round` may release the lock: the renewer leaves it alone meanwhile.
+    ending: bool = False
 
 
 class SessionLocks:
@@ -181,8 +192,8 @@ class SessionLocks:
         `acquire` replaces the plain `SET NX PX`, for a script that takes the lock and
         does its first step in the same round trip (`Inbox.lock_and_claim`).
         """
-        hold = Hold()
-        token = secrets.token_hex(16)
+        hold = Hold(token=secrets.token_hex(16))
+        token = hold.token
         ttl_ms = int(self._ttl * 1000)
         try:
             if acquire is None:
@@ -200,18 +211,39 @@ class SessionLocks:
             return
         hold.acquired = True
         handle = self._renewer.hold(
-            lambda: self._renew(keys=[keys.lock], args=[token, ttl_ms]) == 1, self._ttl
+            lambda: hold.ending or self._renew(keys=[keys.lock], args=[token, ttl_ms]) == 1,
+            self._ttl,
         )
         try:
             yield hold
         finally:
             self._renewer.drop(handle)
-            try:
-                ours, hold.waiting = self._release_and_count(keys, token)
-                if not ours:
-                    log.warning("session lock expired before release")
-            except redis.RedisError as exc:
-                log.warning("session lock release failed (it will expire): %s", exc)
+            if not hold.released:
+                try:
+                    ours, hold.waiting = self._release_and_count(keys, token)
+                    if not ours:
+                        log.warning("session lock expired before release")
+                except redis.RedisError as exc:
+                    log.warning("session lock release failed (it will expire): %s", exc)
+
+    def end_round(self, hold: Hold, step: EndRound[T]) -> T | None:
+        """Run `step` at the end of a round in `hold`'s block: what it returns when it
+        kept the lock, or None when it let it go (then `hold.waiting` says what waited).
+
+        Keeping the lock for the next round saves a release and a new take (two round
+        trips, a new token and a renewal handle) for each message that arrived meanwhile.
+        """
+        hold.ending = True  # a renewal now would find the lock gone and warn: skip it
+        try:
+            result = step(hold.token, int(self._ttl * 1000))
+        finally:
+            hold.ending = False
+        if not isinstance(result, Released):
+            return result
+        hold.released, hold.waiting = True, result.waiting
+        if not result.ours:
+            log.warning("session lock expired before release")
+        return None
 
     def _release_and_count(self, keys: SessionKeys, token: str) -> tuple[bool, int]:
         """Delete the lock if `token` still holds it; (whether it did, messages waiting)."""
