@@ -11,7 +11,7 @@ body; both ends are `perf_counter` of this process. The worker's own stage times
 bench.instant_worker) split each message's time into steps.
 Target: p50 <= 15 ms, p99 <= 50 ms at 8 concurrent conversations.
 
-    python -m bench.pipeline_overhead [--messages 300] [--conversations 1 8 32]
+    python -m bench.pipeline_overhead [--messages 1000] [--conversations 1 8 32]
         [--workers threads:8 prefork:2 threads:4*2] [--think-ms 0]
         [--variant task-events celery-task-lines separate-lock-and-claim kombu-transport]
         [--profile]
@@ -362,7 +362,9 @@ def report(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=300, help="per concurrency level")
+    # Of 300 messages the p99 is the third slowest, which one stall of this VM decides;
+    # runs of 1000 vary less (BENCHMARKS.md, section 2).
+    parser.add_argument("--messages", type=int, default=1000, help="per concurrency level")
     parser.add_argument("--conversations", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument(
         "--workers", nargs="+", default=DEFAULT_WORKERS, help="pool:concurrency[*instances]"
