@@ -7,7 +7,7 @@ against this file.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Annotated, Literal
 
 from pydantic import Field, HttpUrl, SecretStr, field_validator, model_validator
@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @cached_property
+    def reset_words(self) -> frozenset[str]:
+        """RESET_COMMANDS as a message is compared with them, worked out once, not per message."""
+        return frozenset(c.strip().casefold() for c in self.reset_commands if c.strip())
 
     @model_validator(mode="after")
     def _cpu_weight_options_fit(self) -> Settings:

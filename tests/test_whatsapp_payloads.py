@@ -10,6 +10,7 @@ import pytest
 
 from common.keys import session_keys
 from common.messages import PendingMessage
+from common.settings import Settings
 from webhook import create_app
 
 PHONE_NUMBER_ID = "106540352242922"
@@ -448,3 +449,8 @@ def test_reset_words_are_configurable(make_settings, redis_client):
     client.post("/webhook", json={"message_id": "r1", "from": USER, "text": "Borrar todo"})
     client.post("/webhook", json={"message_id": "r2", "from": USER, "text": "/reset"})
     assert [p.kind for p in inbox(redis_client, settings)] == ["reset", "text"]
+
+
+def test_reset_words_from_the_environment_ignore_case_spaces_and_blanks(monkeypatch):
+    monkeypatch.setenv("RESET_COMMANDS", " /Reset , REINICIAR,, ")
+    assert Settings(_env_file=None).reset_words == frozenset({"/reset", "reiniciar"})

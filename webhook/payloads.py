@@ -36,9 +36,7 @@ class Parsed:
 
 
 def kind_of(text: str, settings: Settings) -> MessageKind:
-    words = text.strip().casefold()
-    commands = {c.strip().casefold() for c in settings.reset_commands if c.strip()}
-    return "reset" if words in commands else "text"
+    return "reset" if text.strip().casefold() in settings.reset_words else "text"
 
 
 def parse_simple(body: dict[str, Any], settings: Settings) -> Parsed:
