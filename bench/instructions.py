@@ -149,10 +149,10 @@ def drive_worker(mode: str, rounds: int, run_name: str, variant: str = "") -> No
 
     def one_task(session: str, mode: str = "answer") -> None:
         accept(session)
-        if mode in (TWO_ROUNDS, TWO_ACCEPTS):
+        if mode == TWO_ROUNDS:
             arriving.append(session)
-        if mode == TWO_ACCEPTS:
-            generate(None)
+        elif mode == TWO_ACCEPTS:
+            accept(session)
         if ANSWERS[mode] and responder.answer(session) != ANSWERS[mode]:
             raise SystemExit(f"task {sent} did not make {ANSWERS[mode]} replies")
 

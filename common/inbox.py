@@ -8,7 +8,7 @@ atomically: a worker that dies after claiming leaves them there for the next one
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -165,7 +165,7 @@ class LockedClaim:
     conversation_id: str | None  # None until a first reply was committed
 
 
-def _locked_claim(found: list) -> LockedClaim:  # type: ignore[type-arg]
+def _locked_claim(found: list[Any]) -> LockedClaim:
     claimed, history_json, conversation_id = found
     return LockedClaim(_batch(claimed), history_json, conversation_id)
 

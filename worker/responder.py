@@ -109,14 +109,13 @@ class Responder:
                 claim = claiming.claim
                 while True:
                     rounds += 1
-                    if claim is None:
-                        wait = self._debounce_wait(keys)
-                        if wait > 0:
-                            self.requeue(session_id, wait)
-                            return replies
-                        batch = self.inbox.claim(keys)
-                    else:
-                        batch = claim.batch
+                    batch = (
+                        claim.batch
+                        if claim is not None
+                        else self._claim_unless_typing(session_id, keys)
+                    )
+                    if batch is None:
+                        return replies  # requeued to answer once the user stops typing
                     if batch:
                         self._answer_batch(session_id, keys, batch, claim)
                         replies += 1
@@ -136,6 +135,15 @@ class Responder:
                 return replies
         self.requeue(session_id, 0)
         return replies
+
+    def _claim_unless_typing(self, session_id: str, keys: SessionKeys) -> Batch | None:
+        """The claim of a round that took the lock alone (debounce on): None, with the
+        session requeued, while the debounce window is still open."""
+        wait = self._debounce_wait(keys)
+        if wait > 0:
+            self.requeue(session_id, wait)
+            return None
+        return self.inbox.claim(keys)
 
     def _debounce_wait(self, keys: SessionKeys) -> float:
         """Seconds to wait for the user to stop typing (0: answer now).

@@ -220,9 +220,7 @@ class SessionLocks:
             self._renewer.drop(handle)
             if not hold.released:
                 try:
-                    ours, hold.waiting = self._release_and_count(keys, token)
-                    if not ours:
-                        log.warning("session lock expired before release")
+                    _record(hold, self._release_and_count(keys, token))
                 except redis.RedisError as exc:
                     log.warning("session lock release failed (it will expire): %s", exc)
 
@@ -240,12 +238,17 @@ class SessionLocks:
             hold.ending = False
         if not isinstance(result, Released):
             return result
-        hold.released, hold.waiting = True, result.waiting
-        if not result.ours:
-            log.warning("session lock expired before release")
+        _record(hold, result)
         return None
 
-    def _release_and_count(self, keys: SessionKeys, token: str) -> tuple[bool, int]:
-        """Delete the lock if `token` still holds it; (whether it did, messages waiting)."""
+    def _release_and_count(self, keys: SessionKeys, token: str) -> Released:
+        """Delete the lock if `token` still holds it, and count what waits."""
         ours, waiting = self._release(keys=[keys.lock, keys.inbox, keys.processing], args=[token])
-        return bool(ours), int(waiting)
+        return Released(ours=bool(ours), waiting=int(waiting))
+
+
+def _record(hold: Hold, released: Released) -> None:
+    """The hold's lock is let go (by the release script or by an end of round)."""
+    hold.released, hold.waiting = True, released.waiting
+    if not released.ours:
+        log.warning("session lock expired before release")
