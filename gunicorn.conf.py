@@ -13,7 +13,7 @@ bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
 # sync workers, on purpose: gthread measured +25-45% requests/s, but kept-alive
 # connections could all stick to one worker, and after a burst above capacity a worker
-# stopped answering for 10-40 s (BENCHMARKS.md, section 1). Add workers for throughput.
+# stopped answering for 10-40 s (bench/HISTORY.md, section 1). Add workers for throughput.
 timeout = 30
 # Requests are logged by the app itself (webhook.request_log), without phone numbers.
 accesslog = None

@@ -4,7 +4,7 @@ For every message it receives, acknowledges or publishes, kombu's Redis channel 
 new `redis.Redis` around the same connection pool (`Channel.conn_or_acquire`), and
 redis-py 7's constructor copies its table of ~200 response callbacks each time. That was
 0.2 to 0.3 ms of a worker's CPU per task, against ~1.5 ms for everything Celery does with
-one (BENCHMARKS.md, `bench.task_overhead`). A `redis.Redis` is safe to share between
+one (bench/HISTORY.md, `bench.task_overhead`). A `redis.Redis` is safe to share between
 threads (each command checks a connection out of the pool), so the channel keeps the one
 it built and builds another only when it gets a new pool (kombu replaces the pool after
 a connection error). Everything else is kombu's, unchanged.

@@ -85,7 +85,7 @@ _MESSAGES = TypeAdapter(list[StoredMessage])
 class HistoryTurn(TypedDict):
     """What a reply needs of a stored message. Validating only these two fields (the rest
     is skipped) took 34 µs for a 50-message history against 79 for building each
-    `StoredMessage`, and cut a reply round's instructions by 9% (BENCHMARKS.md)."""
+    `StoredMessage`, and cut a reply round's instructions by 9% (bench/HISTORY.md)."""
 
     role: Literal["user", "assistant"]
     content: str

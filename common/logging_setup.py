@@ -47,18 +47,25 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(
-    level: str, fmt: Literal["json", "text"] = "text", *, task_ids: bool = False
+    level: str,
+    fmt: Literal["json", "text"] = "text",
+    *,
+    task_ids: bool = False,
+    lean_records: bool = False,
 ) -> None:
     """Idempotent: gunicorn workers and Celery children may call it more than once.
 
     `task_ids`: JSON lines name the Celery task they were written in (the worker).
+    `lean_records`: records skip looking up the caller's file and line, the thread and the
+    multiprocessing process name (the Logging HOWTO's "Optimization"; 2.3% of a webhook
+    request's instructions). Only where no formatter shows them: our formats and
+    gunicorn's do not, but flower's shows the caller's module and line and Celery's the
+    process name, and both run in the processes that import the worker.
     """
-    # Neither format shows the caller's file and line, the thread or the multiprocessing
-    # process name: logging then skips looking them up for every record (the Logging
-    # HOWTO's "Optimization"), ~2% of a webhook request's instructions.
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    if lean_records:
+        logging._srcfile = None
+        logging.logThreads = False
+        logging.logMultiprocessing = False
     root = logging.getLogger()
     handler = next((h for h in root.handlers if getattr(h, "_whatsapp_reply", False)), None)
     if handler is None:

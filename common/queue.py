@@ -61,7 +61,7 @@ class ReplyTaskMessages:
 
     The webhook pushes it from its accept script, so storing a message and queueing its
     task are one atomic round trip, with no kombu publish in the request (that path was
-    ~44% of the webhook's CPU, BENCHMARKS.md). Celery builds the task message (protocol
+    ~44% of the webhook's CPU, bench/HISTORY.md). Celery builds the task message (protocol
     2: headers, properties, body) once per process, and it is serialised once, with a
     marker in each place that differs per message; each message then only fills in its
     ids, masked session and body (10 to 19 µs where serialising the whole envelope took
@@ -194,7 +194,7 @@ def make_celery(settings: Settings, main: str = "worker") -> Celery:
         },
         broker_connection_retry_on_startup=True,
         # Task events (received, started, succeeded) cost a worker ~0.5 ms per task
-        # (BENCHMARKS.md, section 2), so they are sent only once a monitor asks: flower
+        # (bench/HISTORY.md, section 2), so they are sent only once a monitor asks: flower
         # broadcasts `enable_events` at start and every 5 s after. WORKER_TASK_EVENTS
         # sends them always, for monitors that only listen. The webhook's own "sent"
         # event would cost every accepted message another publish (13% of the webhook's

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 from celery import Celery
 
-from common.logging_setup import JsonFormatter
+from common.logging_setup import JsonFormatter, configure_logging
 
 
 def record(message: str = "replied to=+591****5678") -> logging.LogRecord:
@@ -42,3 +43,46 @@ def test_a_line_outside_any_task_has_no_task_id(task_ids):
 def test_the_webhook_formatter_does_not_look_for_a_task():
     entry, _ = formatted_inside_a_task(JsonFormatter(task_ids=False))
     assert "task_id" not in entry
+
+
+@pytest.fixture
+def logging_switches():
+    """The module-level switches `lean_records` turns off, at logging's defaults for the
+    test (an app built by an earlier test turned them off for this process) and restored
+    after it."""
+    saved = (logging._srcfile, logging.logThreads, logging.logMultiprocessing)
+    logging._srcfile = os.path.normcase(logging.addLevelName.__code__.co_filename)
+    logging.logThreads = logging.logMultiprocessing = True
+    root = logging.getLogger()
+    level = root.level
+    yield
+    logging._srcfile, logging.logThreads, logging.logMultiprocessing = saved
+    configure_logging(logging.getLevelName(level), "text")
+
+
+def captured_record(logger_name: str) -> logging.LogRecord:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        logger.warning("a line")
+    finally:
+        logger.removeHandler(handler)
+    return records[0]
+
+
+def test_the_worker_keeps_the_caller_and_process_name_flower_and_celery_show(logging_switches):
+    configure_logging("INFO", "json", task_ids=True)
+    entry = captured_record("tests.worker-like")
+    assert entry.funcName == "captured_record" and entry.lineno > 0
+    assert entry.threadName is not None
+
+
+def test_the_webhook_skips_what_no_formatter_of_its_shows(logging_switches):
+    configure_logging("INFO", "json", lean_records=True)
+    entry = captured_record("tests.webhook-like")
+    assert entry.lineno == 0 and entry.threadName is None
+    line = json.loads(JsonFormatter().format(entry))
+    assert line["event"] == "a line" and line["pid"] == entry.process

@@ -24,7 +24,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     settings = settings or get_settings()
-    configure_logging(settings.log_level, settings.effective_log_format)
+    configure_logging(settings.log_level, settings.effective_log_format, lean_records=True)
     auth.check_startup(settings)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

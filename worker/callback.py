@@ -106,7 +106,7 @@ class CallbackClient:
         self._session = session or requests.Session()
         self._session.headers.update({"User-Agent": USER_AGENT})
         # Requests are prepared here rather than by Session.request, whose merging of
-        # session settings into each request cost ~25% of a callback's CPU (BENCHMARKS.md);
+        # session settings into each request cost ~25% of a callback's CPU (bench/HISTORY.md);
         # the session still sends them, over its kept-alive connections.
         self._base_headers = dict(self._session.headers)
         # requests would read the proxy and CA-bundle variables on every request (~4% of

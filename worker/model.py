@@ -101,7 +101,7 @@ class ChatModel:
     than cores, GNU OpenMP stops spinning between operations and sleeps instead, and a
     decoding step is hundreds of short operations. Generating on a second thread after
     loading on the first ran at half speed (int8) or 15% slower (float32) on 2 cores
-    (BENCHMARKS.md, section 3).
+    (bench/HISTORY.md, section 3).
     """
 
     def __init__(

@@ -4,7 +4,7 @@
 in its stored layout each time. Decoding multiplies a few rows by the same weights
 hundreds of times per reply, and oneDNN can lay each weight out once, in the blocked
 format its kernels read: a decoding step's products then ran 2-4x faster on 2 cores
-(BENCHMARKS.md, section 3). torch's own compiler does the same when it freezes a model
+(bench/HISTORY.md, section 3). torch's own compiler does the same when it freezes a model
 for CPU (`torch.ops.mkldnn._linear_pointwise` on weights from
 `torch.ops.mkldnn._reorder_linear_weight`); here it is done without compiling, so nothing
 is recompiled when batch sizes or prompt lengths change.
@@ -14,7 +14,7 @@ without them, or without oneDNN, stops the worker at start-up with a clear line.
 differ from `nn.Linear`'s by rounding (about 1e-6 in the logits). The packed weights are
 private to each process, where unpacked ones are file pages that prefork children share,
 and the output layer's packed weight repeats the input embeddings' matrix: RSS grows by
-~160 MB for DialoGPT-small (BENCHMARKS.md, section 3), which is why
+~160 MB for DialoGPT-small (bench/HISTORY.md, section 3), which is why
 `MODEL_PACKED_LINEAR` is opt-in.
 """
 
@@ -97,7 +97,7 @@ def copy_out_of_the_weights_file(model: nn.Module) -> None:
     transformers reads safetensors through a memory map and the tensors view it, so the
     whole file stays resident while any of them is alive. Copied out, the few left take
     their own ~160 MB (DialoGPT-small) and the file is unmapped: RSS 1363 -> 1031 MB
-    against 878 unpacked (BENCHMARKS.md, section 3).
+    against 878 unpacked (bench/HISTORY.md, section 3).
     """
     with torch.no_grad():
         for module in model.modules():

@@ -2,7 +2,7 @@
 
 Weights are stored as int8 and each matrix product quantises its input on the fly, so the
 products run on the CPU's integer kernels (fbgemm on x86), faster than float32 on 2
-cores (BENCHMARKS.md, section 3). It costs memory rather than saving it: the int8 copies
+cores (bench/HISTORY.md, section 3). It costs memory rather than saving it: the int8 copies
 are private to each process (+142 MiB for the DialoGPT-small shape), while the float32
 file stays mapped for the embeddings. Like bfloat16 it changes the model's arithmetic,
 so replies can change: it is opt-in, to be checked on your model's replies first.

@@ -4,7 +4,7 @@ The lock's expiry is short and the process's `LockRenewer` renews it while its h
 lives, so a generation may take as long as it needs, yet a worker killed mid-generation
 blocks its conversation for at most LOCK_TIMEOUT_SECONDS (the recovery sweep then takes
 over). One renewal thread serves every lock a process holds: starting and joining a thread
-per task cost ~12% of a worker's CPU with an instant model (BENCHMARKS.md, section 2).
+per task cost ~12% of a worker's CPU with an instant model (bench/HISTORY.md, section 2).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class LockRenewer:
             # Wake the thread only if it would sleep past this lock's first renewal. With
             # one TTL for all locks, that is only when it sleeps with no deadline (nothing
             # held at its last wake-up): waking it for every lock cost each reply round a
-            # thread switch (BENCHMARKS.md, section 2).
+            # thread switch (bench/HISTORY.md, section 2).
             if self._wakes_at is None or due < self._wakes_at:
                 self._changed.notify()
             return handle
