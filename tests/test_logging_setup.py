@@ -77,12 +77,12 @@ def test_the_worker_keeps_the_caller_and_process_name_flower_and_celery_show(log
     configure_logging("INFO", "json", task_ids=True)
     entry = captured_record("tests.worker-like")
     assert entry.funcName == "captured_record" and entry.lineno > 0
-    assert entry.threadName is not None
+    assert entry.threadName is not None and entry.processName is not None
 
 
 def test_the_webhook_skips_what_no_formatter_of_its_shows(logging_switches):
     configure_logging("INFO", "json", lean_records=True)
     entry = captured_record("tests.webhook-like")
-    assert entry.lineno == 0 and entry.threadName is None
+    assert entry.lineno == 0 and entry.threadName is None and entry.processName is None
     line = json.loads(JsonFormatter().format(entry))
     assert line["event"] == "a line" and line["pid"] == entry.process
