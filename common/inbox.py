@@ -233,10 +233,7 @@ class Inbox:
         """Take the session's lock with `token`, claim, and read the history: None if the
         lock is taken. For callers that claim as soon as they hold the lock
         (`SessionLocks.hold(keys, acquire=…)`)."""
-        found = self._lock_and_claim(
-            keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
-            args=[token, lock_ttl_ms, self._settings.session_expire_time],
-        )
+        found = self._lock_and_claim(**self._claim_with_history_args(keys, token, lock_ttl_ms))
         return None if found is None else _locked_claim(found)
 
     def claim_more_or_release(
@@ -245,12 +242,20 @@ class Inbox:
         """End a round held with `token`: claim what waits (keeping the lock, its TTL
         renewed) or, with nothing waiting, release the lock (`SessionLocks.end_round`)."""
         found = self._claim_more_or_release(
-            keys=[keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
-            args=[token, lock_ttl_ms, self._settings.session_expire_time],
+            **self._claim_with_history_args(keys, token, lock_ttl_ms)
         )
         if len(found) == 2:
             return Released(ours=bool(found[0]), waiting=int(found[1]))
         return _locked_claim(found)
+
+    def _claim_with_history_args(
+        self, keys: SessionKeys, token: str, lock_ttl_ms: int
+    ) -> dict[str, list[Any]]:
+        """KEYS and ARGV of the two scripts built on _CLAIM_WITH_HISTORY."""
+        return {
+            "keys": [keys.lock, keys.inbox, keys.processing, keys.messages, keys.conversation],
+            "args": [token, lock_ttl_ms, self._settings.session_expire_time],
+        }
 
     def has_pending(self, keys: SessionKeys) -> bool:
         pipe = self._client.pipeline(transaction=False)

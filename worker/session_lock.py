@@ -171,7 +171,8 @@ class Hold:
     token: str = ""
     # Let go by `SessionLocks.end_round` already: the block's end releases nothing then.
     released: bool = False
-    # Set while `end_round` may release the lock: the renewer leaves it alone meanwhile.
+    # Set while `end_round` may release the lock: the renewer leaves it alone meanwhile,
+    # as it does once `released` (until the block's end drops it).
     ending: bool = False
 
 
@@ -181,6 +182,7 @@ class SessionLocks:
     def __init__(self, client: redis.Redis, ttl: float, renewer: LockRenewer) -> None:
         self._client = client
         self._ttl = ttl
+        self._ttl_ms = int(ttl * 1000)
         self._renewer = renewer
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -193,8 +195,7 @@ class SessionLocks:
         does its first step in the same round trip (`Inbox.lock_and_claim`).
         """
         hold = Hold(token=secrets.token_hex(16))
-        token = hold.token
-        ttl_ms = int(self._ttl * 1000)
+        token, ttl_ms = hold.token, self._ttl_ms
         try:
             if acquire is None:
                 taken = bool(self._client.set(keys.lock, token, nx=True, px=ttl_ms))
@@ -211,7 +212,11 @@ class SessionLocks:
             return
         hold.acquired = True
         handle = self._renewer.hold(
-            lambda: hold.ending or self._renew(keys=[keys.lock], args=[token, ttl_ms]) == 1,
+            lambda: (
+                hold.ending
+                or hold.released
+                or self._renew(keys=[keys.lock], args=[token, ttl_ms]) == 1
+            ),
             self._ttl,
         )
         try:
@@ -233,7 +238,7 @@ class SessionLocks:
         """
         hold.ending = True  # a renewal now would find the lock gone and warn: skip it
         try:
-            result = step(hold.token, int(self._ttl * 1000))
+            result = step(hold.token, self._ttl_ms)
         finally:
             hold.ending = False
         if not isinstance(result, Released):
