@@ -60,3 +60,4 @@ bench: setup redis  ## benchmarks of webhook, pipeline, memory, callbacks, tasks
 bench-generation: setup  ## naive against batched generation, DialoGPT shapes (~20 min)
 	$(BIN)/python -m bench.generation --shapes small medium --dtype float32 bfloat16
 	$(BIN)/python -m bench.sampling
+	$(BIN)/python -m bench.linear_products

@@ -291,10 +291,28 @@ def conditions() -> str:
     return f"loadavg {' '.join(load)} on {os.cpu_count()} cores"
 
 
+def cpu_description() -> str:
+    """Which CPU a result came from: the VM's changes between sessions (BENCHMARKS.md,
+    Machine), and `lscpu` names three different kinds alike "AMD EPYC"."""
+    fields: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    if "avx512_bf16" in flags:
+        simd += " with bf16"
+    vendor, family, model = (fields.get(k, "?") for k in ("vendor_id", "cpu family", "model"))
+    return f"{vendor} family {family} model {model} ({fields.get('model name', '?')}), {simd}"
+
+
 def save_results(name: str, data: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
-    data = {"conditions": conditions(), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **data}
+    when = time.strftime("%Y-%m-%dT%H:%M:%S")
+    data = {"conditions": conditions(), "cpu": cpu_description(), "at": when, **data}
     path.write_text(json.dumps(data, indent=1) + "\n")
     return path
 
