@@ -24,6 +24,13 @@ CONVERSATIONS = [
     [Turn("user", "Hola"), Turn("assistant", "¿En qué te ayudo?"), Turn("user", "mi pedido")],
     [Turn("user", "one"), Turn("assistant", "two"), Turn("user", "three four five six seven")],
     [Turn("user", "Can I change the delivery address after paying?")],
+    # The tiny model's reply repeats the opening (" dí") right after a turn's EOS, which
+    # is also the padding: counted over the padding, (EOS, dí, dí) would ban a token.
+    [
+        Turn("user", " dí dí"),
+        Turn("assistant", "Sure, what time?"),
+        Turn("user", "Can I pay by card?"),
+    ],
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,15 @@ from tests.fixtures_model import (  # noqa: F401
     tiny_model_dir,
 )
 from worker.context import Turn
-from worker.model import ChatModel, GeneratedReply, context_size, get_model, resolve_device
+from worker.model import (
+    ChatModel,
+    GeneratedReply,
+    context_size,
+    get_model,
+    resolve_device,
+    stop_token_ids,
+)
+from worker.ngrams import NoRepeatNGramsAfterPadding
 from worker.sampling import SampleAmongTopK
 from worker.tiny_model import build_tiny_model
 from worker.tiny_model import main as tiny_model_main
@@ -121,12 +130,55 @@ def test_greedy_generation_passes_no_sampling_flags(
 
     assert spy.kwargs["do_sample"] is False
     assert spy.kwargs["max_new_tokens"] == 8
-    assert spy.kwargs["eos_token_id"] == greedy_model.tokenizer.eos_token_id
+    assert spy.kwargs["eos_token_id"] == [greedy_model.tokenizer.eos_token_id]
     assert spy.kwargs["pad_token_id"] == greedy_model.tokenizer.eos_token_id
-    assert spy.kwargs["no_repeat_ngram_size"] == greedy_model.settings.no_repeat_ngram_size
+    # Repeated n-grams are banned by our processor, which skips batch padding.
+    [ngrams] = spy.kwargs["logits_processor"]
+    assert isinstance(ngrams, NoRepeatNGramsAfterPadding)
+    assert ngrams.ngram_size == greedy_model.settings.no_repeat_ngram_size
+    assert "no_repeat_ngram_size" not in spy.kwargs
     assert torch.equal(spy.kwargs["attention_mask"], torch.ones_like(spy.kwargs["attention_mask"]))
     for flag in ("temperature", "top_k", "top_p", "min_new_tokens"):
         assert flag not in spy.kwargs
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected"),
+    [(None, [7]), (7, [7]), ([7, 106], [7, 106]), ([106, 7], [7, 106]), ((1, 2), [7, 1, 2])],
+)
+def test_stop_tokens_are_the_tokenizers_eos_and_the_models_own(
+    configured: object, expected: list[int]
+) -> None:
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=configured))
+    assert stop_token_ids(model, SimpleNamespace(eos_token_id=7)) == expected
+
+
+def test_a_reply_stops_at_an_end_of_turn_token_the_model_lists(
+    tiny_model_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Chat models (Gemma's <end_of_turn>) name their own stop token in generation_config."""
+    from transformers import GenerationConfig
+
+    # No token twice (n-grams of 1): the tiny model would repeat one token all along.
+    settings = {"max_new_tokens": 8, "min_new_tokens": 4, "no_repeat_ngram_size": 1}
+    plain = ChatModel.load(model_settings(tiny_model_dir, **settings))
+    free = plain.generate_batch([plain.prompt_ids(TURNS)])[0]
+    eos = plain.tokenizer.eos_token_id
+    # A token first said after the minimum length plays the model's end-of-turn token
+    # (before it, the minimum length holds back every stop token).
+    later = [i for i in range(4, len(free)) if free[i] != eos and free[i] not in free[:i]]
+    assert later, f"the tiny model's reply has no fresh token to stop at: {free}"
+    stop_at = later[0]
+
+    listing = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, listing)
+    config = GenerationConfig.from_pretrained(listing)
+    config.eos_token_id = [eos, free[stop_at]]
+    config.save_pretrained(listing)
+    chat = ChatModel.load(model_settings(listing, **settings))
+
+    assert chat.generate_batch([chat.prompt_ids(TURNS)])[0] == free[: stop_at + 1]
 
 
 def test_sampling_passes_its_flags(
@@ -174,7 +226,8 @@ def test_sampling_without_top_k_is_left_to_transformers(
 
     assert spy.kwargs["do_sample"] is True
     assert (spy.kwargs["temperature"], spy.kwargs["top_k"], spy.kwargs["top_p"]) == (0.9, 0, 0.8)
-    assert "logits_processor" not in spy.kwargs
+    # Only the n-gram ban: transformers' own warpers sample, after it.
+    assert [type(p) for p in spy.kwargs["logits_processor"]] == [NoRepeatNGramsAfterPadding]
 
 
 def test_sampled_replies_vary(tiny_model_dir: Path) -> None:  # noqa: F811

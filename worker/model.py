@@ -24,6 +24,7 @@ from common.settings import Settings, get_settings
 from worker.batching import MicroBatcher
 from worker.context import Turn, build_input_ids
 from worker.metrics import GENERATION_BATCH_SIZE
+from worker.ngrams import NoRepeatNGramsAfterPadding
 from worker.packing import pack_linear_layers
 from worker.quantization import quantize_int8
 from worker.sampling import SampleAmongTopK
@@ -69,6 +70,24 @@ def context_size(config: Any, tokenizer: Any) -> int:
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < SANE_MAX_LENGTH:
         size = min(size, tokenizer_limit) if size else tokenizer_limit
     return int(size or DEFAULT_CONTEXT_TOKENS)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends a reply: the tokenizer's EOS and the model's own list.
+
+    Chat models often end a turn with a token of their own (Gemma's `<end_of_turn>`,
+    Llama 3's `<|eot_id|>`) that only their `generation_config.json` names; passing the
+    tokenizer's EOS alone to `generate` would override that list and let the reply run on
+    into invented turns. The tokenizer's EOS comes first: it is also the padding of
+    tokenizers that have none.
+    """
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = configured if isinstance(configured, (list, tuple)) else [configured]
+    ids: list[int] = []
+    for token in [tokenizer.eos_token_id, *listed]:
+        if token is not None and int(token) not in ids:
+            ids.append(int(token))
+    return ids
 
 
 def configure_torch_threads(settings: Settings) -> None:
@@ -119,9 +138,14 @@ class ChatModel:
         self.device = device
         self.max_context_tokens = context_size(model.config, tokenizer)
         self._tokenizer_lock = threading.Lock()
-        self._eos_id: int | None = tokenizer.eos_token_id
+        self._stop_ids = stop_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
-        self._pad_id: int = pad if pad is not None else (self._eos_id or 0)
+        self._pad_id: int = pad if pad is not None else (self._stop_ids or [0])[0]
+        self._sampler = (
+            SampleAmongTopK(settings.temperature, settings.top_k, settings.top_p)
+            if settings.do_sample and settings.top_k > 0
+            else None
+        )
         self._generation_kwargs = self._build_generation_kwargs()
         self.torch_thread = torch_thread or new_torch_thread()
         self._batcher: MicroBatcher[list[int], list[int]] = MicroBatcher(
@@ -198,6 +222,7 @@ class ChatModel:
         reply starts; transformers derives position ids from the mask, which keeps a
         padded row's greedy reply identical to the same prompt generated alone. A row
         that finished early is cut after its EOS, as a lone `generate` would have stopped.
+        Repeated n-grams are counted from each row's first real token (worker.ngrams).
         """
         GENERATION_BATCH_SIZE.observe(len(prompts))
         width = max(len(prompt) for prompt in prompts)
@@ -211,12 +236,27 @@ class ChatModel:
                 input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 **self._generation_kwargs,
+                logits_processor=self._logits_processors([width - len(p) for p in prompts]),
             )
         return [self._until_eos(row) for row in output[:, width:].tolist()]
 
+    def _logits_processors(self, first_real: Sequence[int]) -> LogitsProcessorList:
+        """This call's own processors; transformers runs them after its built-in ones, in
+        this order, and the sampler must come last."""
+        processors = LogitsProcessorList()
+        if self.settings.no_repeat_ngram_size > 0:
+            processors.append(
+                NoRepeatNGramsAfterPadding(self.settings.no_repeat_ngram_size, first_real)
+            )
+        if self._sampler is not None:
+            processors.append(self._sampler)
+        return processors
+
     def _until_eos(self, ids: list[int]) -> list[int]:
-        if self._eos_id is not None and self._eos_id in ids:
-            return ids[: ids.index(self._eos_id) + 1]
+        """The reply up to and including its first stop token."""
+        for position, token in enumerate(ids):
+            if token in self._stop_ids:
+                return ids[: position + 1]
         return ids
 
     def _build_generation_kwargs(self) -> dict[str, Any]:
@@ -227,18 +267,15 @@ class ChatModel:
             "do_sample": settings.do_sample,
             "repetition_penalty": settings.repetition_penalty,
             "pad_token_id": self._pad_id,
-            "eos_token_id": self._eos_id,
+            "eos_token_id": self._stop_ids or None,
         }
         if settings.min_new_tokens > 0:
             kwargs["min_new_tokens"] = settings.min_new_tokens
-        if settings.no_repeat_ngram_size > 0:
-            kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
+        # No repeated n-grams: a processor per call (`_logits_processors`), not
+        # `no_repeat_ngram_size`, which counts the padding of batched prompts.
         if settings.do_sample and settings.top_k > 0:
             # The same draw among the top-k only; generate's argmax takes it (worker.sampling).
             kwargs["do_sample"] = False
-            kwargs["logits_processor"] = LogitsProcessorList(
-                [SampleAmongTopK(settings.temperature, settings.top_k, settings.top_p)]
-            )
         elif settings.do_sample:  # no top-k: every token may be drawn, transformers does it
             kwargs["temperature"] = settings.temperature
             kwargs["top_p"] = settings.top_p
