@@ -67,15 +67,16 @@ return removed
 
 # The claim: a non-empty processing list means an earlier claim was never answered (its
 # worker died): that batch is answered first and alone, so its reply keeps the same
-# idempotency key. Otherwise everything pending moves to `processing`.
+# idempotency key. Otherwise everything pending moves to `processing`, by renaming the
+# list (both keys share the session's hash slot): an RPUSH of the items would need Lua's
+# unpack, which fails from ~8000 items on, after the inbox was already deleted.
 _CLAIM_STEPS = """
 if redis.call('LLEN', processing) > 0 then
   return redis.call('LRANGE', processing, 0, -1)
 end
 local pending = redis.call('LRANGE', inbox, 0, -1)
 if #pending == 0 then return pending end
-redis.call('DEL', inbox)
-redis.call('RPUSH', processing, unpack(pending))
+redis.call('RENAME', inbox, processing)
 redis.call('EXPIRE', processing, ttl)
 return pending
 """

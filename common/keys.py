@@ -95,3 +95,9 @@ def worker_heartbeat(prefix: str, hostname: str) -> str:
 
 def worker_heartbeat_pattern(prefix: str) -> str:
     return f"{prefix}:worker:*"
+
+
+def ready_probe(prefix: str) -> str:
+    """Written by `/ready` with a short TTL: a Redis that answers PING may still refuse
+    writes (a read-only replica after a failover, or maxmemory reached)."""
+    return f"{prefix}:ready_probe"

@@ -59,6 +59,20 @@ def test_claim_takes_everything_pending_in_order(parts, redis_client):
     assert inbox.claim(keys).raw == batch.raw  # unanswered claim is handed out again
 
 
+def test_claim_moves_an_inbox_of_any_size(parts, redis_client, settings):
+    # Lua's unpack() refuses ~8000 values: a claim built on it lost the whole inbox.
+    keys, inbox, _ = parts
+    redis_client.rpush(keys.inbox, *[pending(n).model_dump_json() for n in range(9000)])
+
+    batch = inbox.claim(keys)
+
+    assert len(batch.messages) == 9000
+    assert batch.messages[-1].message_id == "m8999"
+    assert redis_client.llen(keys.processing) == 9000
+    assert redis_client.exists(keys.inbox) == 0
+    assert 0 < redis_client.ttl(keys.processing) <= settings.session_expire_time
+
+
 def test_lock_and_claim_claims_only_when_it_takes_the_lock(parts, redis_client):
     keys, inbox, _ = parts
     for n in range(2):

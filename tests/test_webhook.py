@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from common.keys import session_keys
 from common.queue import REPLY_TASK
 from common.settings import Settings
-from tests.redis_server import free_port
+from tests.redis_server import free_port, private_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -323,6 +323,31 @@ def test_redis_unreachable_is_503_with_retry_after(make_settings):
         assert response.is_json
         assert int(response.headers["Retry-After"]) > 0
     assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "refusing",
+    [
+        # A replica whose master is gone: what a client sees during a failover.
+        lambda r: r.execute_command("REPLICAOF", "127.0.0.1", str(free_port())),
+        # maxmemory reached with the default noeviction policy.
+        lambda r: r.config_set("maxmemory", "1"),
+    ],
+    ids=["read-only replica", "out of memory"],
+)
+def test_a_redis_that_refuses_writes_is_503_and_not_ready(make_settings, refusing):
+    from webhook import create_app
+
+    with private_redis() as url:
+        client = create_app(make_settings(redis_url=url, broker_url=url)).test_client()
+        assert client.get("/ready").status_code == 200
+        refusing(redis.Redis.from_url(url))
+
+        for response in (post(client, GOOD), client.get("/ready")):
+            assert response.status_code == 503, response.get_data(as_text=True)
+            assert response.get_json()["error"] == "unavailable"
+            assert int(response.headers["Retry-After"]) > 0
+        assert redis.Redis.from_url(url).dbsize() <= 1  # at most the readiness probe
 
 
 def test_health_and_ready(client):

@@ -13,10 +13,14 @@ log = logging.getLogger(__name__)
 
 REDIS_DOWN_RETRY_AFTER = 5
 
+# Redis cannot take the message now, but will: unreachable, loading its data, a read-only
+# replica (until the failover ends), or full (maxmemory with noeviction).
 UNAVAILABLE = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
+    redis.ReadOnlyError,
+    redis.OutOfMemoryError,
     kombu.exceptions.OperationalError,
 )
 
@@ -35,7 +39,9 @@ def _http_error(exc: HTTPException) -> Response:
 
 def _unavailable(exc: Exception) -> Response:
     log.warning("redis unavailable: %s", exc.__class__.__name__)
-    response = error_response(503, "unavailable", "Redis is unreachable; try again shortly.")
+    response = error_response(
+        503, "unavailable", "Redis cannot take requests right now; try again shortly."
+    )
     response.headers["Retry-After"] = str(REDIS_DOWN_RETRY_AFTER)
     return response
 

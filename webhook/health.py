@@ -1,10 +1,10 @@
-"""Liveness (`/health`, no dependencies) and readiness (`/ready`, Redis and workers)."""
+"""Liveness (`/health`, no dependencies) and readiness (`/ready`: Redis takes writes; workers)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from common.keys import worker_heartbeat_pattern
+from common.keys import ready_probe, worker_heartbeat_pattern
 from webhook.errors import UNAVAILABLE, error_response
 from webhook.services import services
 
@@ -20,13 +20,14 @@ def health() -> Response:
 def ready() -> Response | tuple[Response, int]:
     svc = services()
     try:
-        svc.redis.ping()
+        svc.redis.set(ready_probe(svc.settings.key_prefix), "1", px=5000)
         pattern = worker_heartbeat_pattern(svc.settings.key_prefix)
         workers = sorted(
             key.rsplit(":", 1)[-1] for key in svc.redis.scan_iter(match=pattern, count=100)
         )
-    except UNAVAILABLE:
-        response = error_response(503, "unavailable", "Redis is unreachable.", redis="down")
+    except UNAVAILABLE as exc:
+        message = f"Redis cannot take writes ({exc.__class__.__name__})."
+        response = error_response(503, "unavailable", message, redis="down")
         response.headers["Retry-After"] = "5"
         return response
     return jsonify(status="ready", redis="ok", workers_seen=len(workers), workers=workers), 200

@@ -75,7 +75,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
                         "415": _error("Not application/json"),
                         "422": _error("A field is missing or invalid"),
                         "429": _error("Rate limit or pending cap reached; see Retry-After"),
-                        "503": _error("Redis unreachable; see Retry-After"),
+                        "503": _error("Redis unreachable or refusing writes; see Retry-After"),
                     },
                 }
             },
@@ -84,7 +84,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
                 "get": {
                     "responses": {
                         "200": _json("Redis answers", status),
-                        "503": _error("Redis unreachable"),
+                        "503": _error("Redis unreachable or refusing writes"),
                     }
                 }
             },
