@@ -436,6 +436,47 @@ def test_a_prefix_that_could_match_other_keys_is_refused(prefix: str) -> None:
         Settings(_env_file=None, key_prefix=prefix)
 
 
+def test_unreadable_entries_are_skipped_and_the_rest_is_swept(
+    redis_client: redis.Redis,
+    settings: Settings,
+    requeue: Recorder,
+    schedule: Recorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Left by another version of the code, or by hand: one value must not stop the sweep
+    # of every other session at every tick.
+    prefix = settings.key_prefix
+    redis_client.rpush(session_keys(prefix, "garbled").inbox, "{not json")
+    redis_client.hset(session_keys(prefix, "garbled").outbox, "reply-x", '{"half": ')
+    add_processing(redis_client, prefix, SESSION, received_at=NOW - 10 * GRACE)
+
+    run_sweep(redis_client, settings, requeue, schedule)
+
+    assert requeue.calls == [(SESSION, 0)]
+    assert schedule.calls == []
+    assert caplog.text.count("cannot be read; skipped") == 2
+
+
+def test_a_timer_step_that_fails_logs_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
+    # Its first tick runs while the worker starts: an error there would stop the worker.
+    import kombu.exceptions
+
+    from worker.bootsteps import RecoverySweep
+
+    step = RecoverySweep.__new__(RecoverySweep)
+    failures = [kombu.exceptions.OperationalError("broker down"), ValueError("bad entry")]
+
+    def tick() -> None:
+        raise failures.pop(0)
+
+    step.tick = tick  # type: ignore[method-assign]
+    step._safe_tick()
+    step._safe_tick()
+
+    assert failures == []
+    assert caplog.text.count("RecoverySweep failed; the next tick tries again") == 2
+
+
 # --- one requeue per stranded state ----------------------------------------------------
 
 

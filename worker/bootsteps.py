@@ -54,10 +54,15 @@ class _TimerStep(bootsteps.StartStopStep):
             self._timer_ref.cancel()
 
     def _safe_tick(self) -> None:
+        """Never raises: the first tick runs inside `start`, before the consumer, and an
+        error there would stop the worker (Celery exits on a step that fails to start),
+        just when a sweep after a crash is needed. The next tick tries again."""
         try:
             self.tick()
         except redis.RedisError as exc:  # Redis away: try again next tick
             log.debug("%s skipped: %s", type(self).__name__, exc)
+        except Exception:  # the broker away (kombu), or anything else
+            log.exception("%s failed; the next tick tries again", type(self).__name__)
 
 
 class Heartbeat(_TimerStep):

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pydantic
 import redis
 from redis.commands.core import Script
 
@@ -71,12 +72,23 @@ def find_stranded(client: redis.Redis, settings: Settings, now: float) -> SweepR
         oldest = client.lindex(key, 0)
         if oldest is None or client.exists(session_keys(prefix, session).lock):
             continue
-        if now - PendingMessage.model_validate_json(oldest).received_at > grace:
+        try:
+            received_at = PendingMessage.model_validate_json(oldest).received_at
+        except pydantic.ValidationError:
+            # Another version's value, or one written by hand: skipped, so that it does not
+            # stop the sweep of every other session, tick after tick.
+            log.error("recovery: the oldest message in %s cannot be read; skipped", key)
+            continue
+        if now - received_at > grace:
             report.sessions.add(session)
     overdue = grace + settings.callback_timeout_seconds
     for key in client.scan_iter(match=session_pattern(prefix, "outbox"), count=500):
         for raw in client.hvals(key):
-            entry = OutboxEntry.model_validate_json(raw)
+            try:
+                entry = OutboxEntry.model_validate_json(raw)
+            except pydantic.ValidationError:
+                log.error("recovery: an entry of %s cannot be read; skipped", key)
+                continue
             if now - entry.next_attempt_at <= overdue:
                 continue
             if now - entry.created_at > settings.callback_max_age_seconds:
