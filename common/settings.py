@@ -88,7 +88,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(default=64, gt=0)
     min_new_tokens: int = Field(default=0, ge=0)
     do_sample: bool = True
-    temperature: float = Field(default=0.7, gt=0)
+    # Lower is greedy decoding in all but name, and transformers' own sampling (TOP_K=0)
+    # overflows float32 scores near 1e-37: for greedy replies set DO_SAMPLE=false.
+    temperature: float = Field(default=0.7, ge=0.01)
     top_k: int = Field(default=50, ge=0)
     top_p: float = Field(default=0.92, gt=0, le=1)
     repetition_penalty: float = Field(default=1.1, gt=0)

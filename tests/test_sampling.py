@@ -60,6 +60,27 @@ def test_temperature_comes_before_top_p() -> None:
     assert probs[0, 0] == 1.0 and probs[0, 1:].sum() == 0
 
 
+@pytest.mark.parametrize("temperature", [1e-3, 1e-30, 1e-40])
+def test_a_tiny_temperature_draws_the_best_token(temperature: float) -> None:
+    # Scores divided by 1e-40 overflow float32 to inf, and the softmax of inf is NaN.
+    scores = torch.tensor([[30.0, 29.5, 12.0, -4.0, 0.0, 1.0, 2.0, 3.0]])
+
+    out = SampleAmongTopK(temperature, 5, 0.9)(IDS[:1], scores)
+
+    assert out.argmax(dim=-1).item() == 0
+    assert torch.isfinite(out).sum().item() == 1
+
+
+def test_settings_refuse_a_temperature_that_overflows() -> None:
+    from pydantic import ValidationError
+
+    from common.settings import Settings
+
+    with pytest.raises(ValidationError, match="temperature"):
+        Settings(_env_file=None, temperature=1e-40)
+    assert Settings(_env_file=None, temperature=0.01).temperature == 0.01
+
+
 def test_draws_follow_the_distribution() -> None:
     torch.manual_seed(7)
     scores = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, -9.0]]).repeat(4000, 1)

@@ -2,8 +2,12 @@
 
 Pure functions with no model and no torch, so the rules about what the model sees
 (merged bubbles, the token budget, which turns are dropped) are tested quickly and in one
-place. The tokenizer is duck-typed: anything with `encode`/`eos_token_id`, or with
-`apply_chat_template` when it has a `chat_template`.
+place. The tokenizer is duck-typed: anything with `encode` (taking `split_special_tokens`)
+and `eos_token_id`, or with `apply_chat_template` when it has a `chat_template`.
+
+What people write is text, never control tokens: a message saying `<|endoftext|>` or
+`<|im_start|>system` must not end a turn or open a system turn, as a fast tokenizer would
+make it do by matching special tokens in the raw text.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def build_input_ids(
 
     Old turns are dropped whole, never cut, so that the model never sees half a sentence;
     only a single newest turn that is longer than the whole budget is cut, keeping its end
-    (the part nearest to the reply).
+    (the part nearest to the reply). Turn texts never produce special tokens (see above).
     """
     budget = max_context_tokens - max_new_tokens
     if budget < 1:
@@ -83,7 +87,8 @@ def _eos_joined_ids(tokenizer: Any, turns: Sequence[Turn], budget: int) -> list[
     kept: list[list[int]] = []
     used = 0
     for turn in reversed(turns):
-        ids = [*tokenizer.encode(turn.content, add_special_tokens=False), eos]
+        text = tokenizer.encode(turn.content, add_special_tokens=False, split_special_tokens=True)
+        ids = [*text, eos]
         if used + len(ids) > budget:
             if not kept:
                 kept.append(ids[-budget:])
@@ -104,12 +109,17 @@ def _chat_template_ids(
     shorter suffix never rendering longer.
     """
     head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    specials = _special_token_texts(tokenizer)
+    contents = [_as_plain_text(turn.content, specials) for turn in turns]
     starts = sorted(
         {0, len(turns) - 1} | {i for i, turn in enumerate(turns) if turn.role == "user"}
     )
 
     def render(start: int) -> list[int]:
-        messages = head + [{"role": t.role, "content": t.content} for t in turns[start:]]
+        messages = head + [
+            {"role": turn.role, "content": content}
+            for turn, content in zip(turns[start:], contents[start:], strict=True)
+        ]
         rendered = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
@@ -127,6 +137,28 @@ def _chat_template_ids(
     if best is not None:
         return best
     return render(starts[-1])[-budget:]
+
+
+# Inside a special token's text, it stops the tokenizer from matching the token there; the
+# model reads the characters around it as they are.
+_WORD_JOINER = "\u2060"
+
+
+def _special_token_texts(tokenizer: Any) -> list[str]:
+    """The texts a fast tokenizer turns into special tokens, longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {token.content for token in added.values() if getattr(token, "special", False)}
+    return sorted((text for text in texts if len(text) > 1), key=len, reverse=True)
+
+
+def _as_plain_text(text: str, specials: Sequence[str]) -> str:
+    """`text` with every special token's text broken by a word joiner after its first
+    character. A chat template renders turns into one string before tokenizing it, so
+    unlike `split_special_tokens` on a lone turn this is the only place left to do it."""
+    for special in specials:
+        if special in text:
+            text = text.replace(special, special[0] + _WORD_JOINER + special[1:])
+    return text
 
 
 def _as_id_list(rendered: Any) -> list[int]:

@@ -46,7 +46,9 @@ class SampleAmongTopK(LogitsProcessor):
         those tokens' ids, best first."""
         k = min(self.top_k, scores.shape[-1])
         best, positions = scores.topk(k, dim=-1)  # temperature does not change the order
-        probs = (best.float() / self.temperature).softmax(dim=-1)
+        # Scores relative to the best one: a small temperature cannot overflow them.
+        best = best.float()
+        probs = ((best - best[..., :1]) / self.temperature).softmax(dim=-1)
         if self.top_p < 1:
             above = probs.cumsum(dim=-1) - probs  # probability held by better-ranked tokens
             drop = above >= self.top_p
