@@ -47,15 +47,26 @@ def _unicode_text(value: object) -> object:
 Utf8Str = Annotated[StrictStr, BeforeValidator(_unicode_text)]
 
 # Identifiers end up inside Redis key names: no whitespace, and no braces, which would
-# break the `{session}` hash tag that keeps a conversation in one cluster slot. (The
-# validator goes last: a pattern placed after it would vanish from the OpenAPI schema.)
+# break the `{session}` hash tag that keeps a conversation in one cluster slot. U+001C to
+# U+001F are named because Python's `\s` counts them as whitespace and pydantic's (Rust)
+# does not: an id both accept is one `/chat/history` can read back. (The validator goes
+# last: a pattern placed after it would vanish from the OpenAPI schema.)
+IDENTIFIER_CHAR = r"[^\s\x1c-\x1f{}]"
 Identifier = Annotated[
     StrictStr,
-    StringConstraints(pattern=r"^[^\s{}]+$", min_length=1),
+    StringConstraints(pattern=rf"^{IDENTIFIER_CHAR}+$", min_length=1),
     BeforeValidator(_unicode_text),
 ]
 
-UnixSeconds = Annotated[int, Field(ge=0, le=10**11)]
+
+def _not_a_bool(value: object) -> object:
+    """JSON's true is not the second 1 of 1970, though Python's bool is an int."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number of seconds, not a boolean")
+    return value
+
+
+UnixSeconds = Annotated[int, Field(ge=0, le=10**11), BeforeValidator(_not_a_bool)]
 
 
 def _storable_metadata(value: object) -> object:

@@ -374,12 +374,37 @@ def test_unknown_route_and_method_are_json(client):
 
     assert missing.status_code == 404 and missing.get_json()["error"] == "not_found"
     assert wrong_method.status_code == 405 and wrong_method.is_json
+    assert "POST" in wrong_method.headers["Allow"]  # HTTP requires it on a 405
 
 
 def test_history_missing_and_bad_session(client):
     assert client.get("/chat/history/+591000").status_code == 404
     assert client.get("/chat/history/a%20b").status_code == 400
     assert client.delete("/chat/history/+591000").status_code == 404
+
+
+@pytest.mark.parametrize("separator", ["\x1c", "\x1d", "\x1e", "\x1f"])
+def test_a_session_id_the_history_would_refuse_is_refused_at_the_webhook(
+    client, redis_client, settings, separator
+):
+    # Python's regex counts U+001C-U+001F as whitespace, pydantic's did not: such a
+    # conversation was stored, then could be neither read nor erased.
+    session = f"a{separator}b"
+
+    response = post(client, {**GOOD, "session_id": session})
+
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["field"] == "session_id"
+    assert client.get(f"/chat/history/a%{ord(separator):02X}b").status_code == 400
+    assert stored_keys(redis_client, settings) == []
+
+
+def test_a_boolean_timestamp_is_refused(client, redis_client, settings):
+    response = post(client, {**GOOD, "timestamp": True})
+
+    assert response.status_code == 422
+    assert response.get_json()["errors"][0]["field"] == "timestamp"
+    assert stored_keys(redis_client, settings) == []
 
 
 def test_webhook_never_imports_torch_or_transformers():

@@ -34,7 +34,11 @@ def error_response(status: int, error: str, message: str, **extra: object) -> Re
 def _http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
     name = (exc.name or "error").lower().replace(" ", "_")
-    return error_response(code, name, exc.description or name)
+    response = error_response(code, name, exc.description or name)
+    for header, value in exc.get_headers():  # e.g. a 405's Allow
+        if header.lower() != "content-type":
+            response.headers[header] = value
+    return response
 
 
 def _unavailable(exc: Exception) -> Response:

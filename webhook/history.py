@@ -7,6 +7,7 @@ import re
 from flask import Blueprint, Response, jsonify, request
 
 from common.keys import session_keys
+from common.messages import IDENTIFIER_CHAR
 from webhook.auth import check_admin_credentials
 from webhook.errors import error_response
 from webhook.services import services
@@ -19,7 +20,7 @@ def _admin_only() -> Response | None:
     return check_admin_credentials(request, services().settings)
 
 
-_SESSION_ID = re.compile(r"^[^\s{}]{1,128}$")
+_SESSION_ID = re.compile(rf"^{IDENTIFIER_CHAR}{{1,128}}$")  # as the webhook accepts them
 
 
 def _bad_session(session_id: str) -> Response | None:
