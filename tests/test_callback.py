@@ -1,6 +1,7 @@
 """The callback client: one POST to n8n, classified as delivered, retryable or permanent.
 
-HTTP is faked with `responses`; no test talks to a real host.
+HTTP is faked with `responses`, except at the end, where a server on loopback plays n8n
+for what only real sockets show (an answer that trickles in, kept-alive connections).
 """
 
 from __future__ import annotations
@@ -8,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from itertools import pairwise
+from typing import Any
 
 import pytest
 import requests
@@ -585,3 +589,83 @@ def test_proxy_and_ca_bundle_variables_still_apply(
     assert proxied.get("https") == "http://proxy.example.test:3128"
     assert "https" not in direct
     assert verify == "/etc/ssl/certs/ca-certificates.crt"
+
+
+# --- a real n8n stand-in on loopback ---------------------------------------------------
+
+
+class LoopbackN8n:
+    """Answers each POST with 200 and a body, sent in `pieces` spaced `gap` seconds apart;
+    counts the connections it was given."""
+
+    def __init__(self, body: bytes, pieces: int = 1, gap: float = 0.0) -> None:
+        self.body, self.pieces, self.gap = body, pieces, gap
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/webhook/reply"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer_all, args=(conn,), daemon=True).start()
+
+    def _answer_all(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while (head := self._read_head(reader)) is not None:
+                reader.read(int(head.get("content-length", "0")))
+                try:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(self.body))
+                    step = -(-len(self.body) // self.pieces)
+                    for start in range(0, len(self.body), step):
+                        time.sleep(self.gap)
+                        conn.sendall(self.body[start : start + step])
+                except OSError:  # the client gave up
+                    return
+
+    @staticmethod
+    def _read_head(reader: Any) -> dict[str, str] | None:
+        if not reader.readline():
+            return None
+        head: dict[str, str] = {}
+        while (line := reader.readline().decode().strip()) != "":
+            name, _, value = line.partition(":")
+            head[name.strip().lower()] = value.strip()
+        return head
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_an_answer_that_trickles_in_fails_when_the_attempt_is_out_of_time(
+    payload: CallbackPayload,
+) -> None:
+    # Each piece arrives within the read timeout, so requests alone would wait for all 40
+    # (8 s): the session's lock and a worker thread with it, while the recovery sweep
+    # counts the attempt as lost after CALLBACK_TIMEOUT_SECONDS.
+    n8n = LoopbackN8n(b"x" * 40, pieces=40, gap=0.2)
+    try:
+        error = post_expecting_error(CallbackClient(timeout=0.5), payload, url=n8n.url)
+    finally:
+        n8n.close()
+
+    assert error.retryable is True
+    assert "time was up" in str(error)
+
+
+def test_answers_read_to_their_end_keep_the_connection_for_the_next_post(
+    payload: CallbackPayload,
+) -> None:
+    n8n = LoopbackN8n(b'{"message":"Workflow was started"}', pieces=2, gap=0.01)
+    client = CallbackClient(timeout=5)
+    try:
+        statuses = [client.post(n8n.url, payload, f"{KEY}-{n}") for n in range(5)]
+    finally:
+        n8n.close()
+
+    assert statuses == [200] * 5
+    assert n8n.connections == 1

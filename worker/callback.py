@@ -12,10 +12,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
-from time import time
+from time import monotonic, time
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.utils import get_environ_proxies
 from standardwebhooks.webhooks import Webhook
 
@@ -26,6 +27,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 USER_AGENT = "n8n-whatsapp-reply-worker/0.1"
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_PREPARED_URLS = 64
+BODY_CHUNK_BYTES = 16 * 1024
 # A request that can never be sent as configured; retrying cannot help.
 PERMANENT_REQUEST_ERRORS = (
     requests.exceptions.InvalidURL,
@@ -155,6 +157,28 @@ class CallbackClient:
             self._templates[url] = template
         return template
 
+    @staticmethod
+    def _read_body(response: requests.Response, deadline: float) -> None:
+        """Read the answer's body, giving up once `deadline` has passed.
+
+        requests' timeout bounds each wait for the server, not the whole answer: a body
+        that trickles in a byte at a time would hold the session's lock (and a worker
+        thread) for as long as the server likes, while the recovery sweep counts an
+        attempt as lost after CALLBACK_TIMEOUT_SECONDS. Read to its end, the connection
+        goes back to the session's pool.
+        """
+        raw = response.raw
+        try:
+            # read1: what has arrived, in one wait; `read` would wait for a full chunk.
+            while raw.read1(BODY_CHUNK_BYTES, decode_content=False):
+                if monotonic() > deadline:
+                    raise requests.exceptions.ReadTimeout(
+                        "the answer was still arriving when the attempt's time was up"
+                    )
+            raw.release_conn()
+        finally:
+            response.close()
+
     def post(self, url: str, payload: CallbackPayload, idempotency_key: str) -> int:
         """POST the reply; the status code on 2xx, else CallbackError."""
         body = payload.model_dump_json()
@@ -166,16 +190,19 @@ class CallbackClient:
             request = self._prepared_for(url).copy()
             request.headers.update(headers)
             request.prepare_body(body.encode(), None)
+            started = monotonic()
             response = self._session.send(
                 request,
                 timeout=self._timeout,
                 allow_redirects=False,
                 proxies=_proxies_for(_origin(url)),
                 verify=self._verify,
+                stream=True,
             )
+            self._read_body(response, deadline=started + self._timeout)
         except PERMANENT_REQUEST_ERRORS as exc:
             raise CallbackError(f"{exc.__class__.__name__}: {exc}", retryable=False) from exc
-        except requests.RequestException as exc:
+        except (requests.RequestException, urllib3.exceptions.HTTPError) as exc:
             # Connection, timeout, cut-off response...: the idempotency key makes a retry safe.
             raise CallbackError(f"{exc.__class__.__name__}: {exc}", retryable=True) from exc
         status = response.status_code
