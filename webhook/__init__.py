@@ -6,6 +6,7 @@ from flask import Flask
 
 from common.logging_setup import configure_logging
 from common.settings import Settings, get_settings
+from webhook.body_limit import ChunkedBodyLimit
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.check_startup(settings)
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.wsgi_app = ChunkedBodyLimit(app.wsgi_app, settings.max_body_bytes)  # type: ignore[method-assign]
     app.json.sort_keys = False
     services.init_app(app, settings)
     errors.register(app)
