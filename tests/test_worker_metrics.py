@@ -87,3 +87,44 @@ def test_a_broker_that_is_not_redis_serves_no_queue_depth(
     amqp = make_settings(key_prefix=settings.key_prefix, broker_url="amqp://guest@127.0.0.1//")
 
     assert samples(RedisGauges(connect(settings), amqp)) == {"worker_dead_letters": 0}
+
+
+# The celery command imports prometheus_client (through flower's plugin) before the app;
+# a prefork child then counts a reply, and the scrape in the main process must see it.
+PREFORK_COUNT = """
+import os, sys, prometheus_client
+from common.metrics_setup import ENV, ensure_multiprocess_dir, registry_for_scrape
+os.environ.pop(ENV, None)
+path = ensure_multiprocess_dir("worker")
+from prometheus_client import Counter
+replies = Counter("replies_total", "replies")
+child = os.fork()
+if child == 0:
+    replies.inc(42)
+    os._exit(0)
+os.waitpid(child, 0)
+value = registry_for_scrape().get_sample_value("replies_total")
+print(value, path)
+"""
+
+
+def test_prefork_children_counts_reach_the_scrape_when_the_client_came_first() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", PREFORK_COUNT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    value, path = done.stdout.split()
+    assert float(value) == 42.0
+    assert not os.path.exists(path), "the directory made for the process outlived it"
