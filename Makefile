@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 
 .PHONY: setup run demo test lint tiny-model redis clean
 
+# Debian ships venv's bootstrap (ensurepip) apart, as python3-venv: installed when missing.
 $(BIN)/activate:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { \
+		rm -rf $(VENV); echo "python: installing Debian's python3-venv"; \
+		sudo_cmd=""; [ "$$(id -u)" -ne 0 ] && sudo_cmd=sudo; \
+		$$sudo_cmd apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo_cmd apt-get install -y -qq python3-venv >/dev/null && \
+		$(PYTHON) -m venv $(VENV); }
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/activate
 	$(BIN)/pip install --quiet --upgrade pip
