@@ -55,6 +55,12 @@ def test_rows_shorter_than_the_ngram_are_left_alone() -> None:
     assert not torch.isinf(scores).any()
 
 
+def test_ids_beyond_the_output_layer_are_ignored() -> None:
+    # An embedding table larger than the output layer: id 9 has no score to ban.
+    scores = NoRepeatNGramsAfterPadding(2, [0])(torch.tensor([[1, 9, 1]]), torch.zeros(1, 5))
+    assert not torch.isinf(scores).any()
+
+
 def test_the_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         NoRepeatNGramsAfterPadding(0, [0])

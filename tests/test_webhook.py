@@ -4,6 +4,7 @@ refusal stores and enqueues nothing."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import subprocess
@@ -358,8 +359,15 @@ def test_redis_unreachable_is_503_with_retry_after(make_settings):
         lambda r: r.execute_command("REPLICAOF", "127.0.0.1", str(free_port())),
         # maxmemory reached with the default noeviction policy.
         lambda r: r.config_set("maxmemory", "1"),
+        # Writes need a replica that is not there (a plain ResponseError in redis-py).
+        lambda r: r.config_set("min-replicas-to-write", "1"),
+        # A replica cut off from its master that will not serve stale data.
+        lambda r: (
+            r.config_set("replica-serve-stale-data", "no"),
+            r.execute_command("REPLICAOF", "127.0.0.1", str(free_port())),
+        ),
     ],
-    ids=["read-only replica", "out of memory"],
+    ids=["read-only replica", "out of memory", "no replicas", "master down"],
 )
 def test_a_redis_that_refuses_writes_is_503_and_not_ready(make_settings, refusing):
     from webhook import create_app
@@ -373,7 +381,24 @@ def test_a_redis_that_refuses_writes_is_503_and_not_ready(make_settings, refusin
             assert response.status_code == 503, response.get_data(as_text=True)
             assert response.get_json()["error"] == "unavailable"
             assert int(response.headers["Retry-After"]) > 0
-        assert redis.Redis.from_url(url).dbsize() <= 1  # at most the readiness probe
+        with contextlib.suppress(redis.exceptions.MasterDownError):  # it serves no reads
+            assert redis.Redis.from_url(url).dbsize() <= 1  # at most the readiness probe
+
+
+def test_any_other_redis_error_is_a_500_of_ours(client, monkeypatch):
+    # A script or command Redis rejects as wrong is a bug here, not an outage to wait out.
+    from common.inbox import Inbox
+
+    def wrong(*args, **kwargs):
+        raise redis.ResponseError("ERR user_script:1: Script attempted to access a global")
+
+    monkeypatch.setattr(Inbox, "accept", wrong)
+
+    response = post(client, GOOD)
+
+    assert response.status_code == 500
+    assert response.get_json()["error"] == "internal_error"
+    assert "Retry-After" not in response.headers
 
 
 def test_health_and_ready(client):

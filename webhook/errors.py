@@ -14,15 +14,29 @@ log = logging.getLogger(__name__)
 REDIS_DOWN_RETRY_AFTER = 5
 
 # Redis cannot take the message now, but will: unreachable, loading its data, a read-only
-# replica (until the failover ends), or full (maxmemory with noeviction).
+# replica or one cut off from its master (until the failover ends), or full (maxmemory
+# with noeviction).
 UNAVAILABLE = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
     redis.ReadOnlyError,
     redis.OutOfMemoryError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
     kombu.exceptions.OperationalError,
 )
+# Refusals that redis-py raises as a plain ResponseError, known by their error code:
+# writes stopped after a failed snapshot (often a full disk), too few replicas.
+REFUSAL_CODES = frozenset({"MISCONF", "NOREPLICAS"})
+
+
+def redis_refuses_for_now(exc: BaseException) -> bool:
+    """Whether `exc` says Redis cannot serve the request now, rather than that it is
+    wrong (which is a bug of ours, and a 500)."""
+    if isinstance(exc, UNAVAILABLE):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0] in REFUSAL_CODES
 
 
 def error_response(status: int, error: str, message: str, **extra: object) -> Response:
@@ -55,8 +69,13 @@ def _unexpected(exc: Exception) -> Response:
     return error_response(500, "internal_error", "Unexpected server error.")
 
 
+def _redis_error(exc: redis.ResponseError) -> Response:
+    return _unavailable(exc) if redis_refuses_for_now(exc) else _unexpected(exc)
+
+
 def register(app: Flask) -> None:
     app.register_error_handler(HTTPException, _http_error)
     for exc_type in UNAVAILABLE:
         app.register_error_handler(exc_type, _unavailable)
+    app.register_error_handler(redis.ResponseError, _redis_error)
     app.register_error_handler(Exception, _unexpected)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import kombu.exceptions
+import redis
 from flask import Blueprint, Response, jsonify
 
 from common.keys import ready_probe, worker_heartbeat_pattern
-from webhook.errors import UNAVAILABLE, error_response
+from webhook.errors import error_response, redis_refuses_for_now
 from webhook.services import services
 
 bp = Blueprint("health", __name__)
@@ -25,7 +27,9 @@ def ready() -> Response | tuple[Response, int]:
         workers = sorted(
             key.rsplit(":", 1)[-1] for key in svc.redis.scan_iter(match=pattern, count=100)
         )
-    except UNAVAILABLE as exc:
+    except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
+        if not redis_refuses_for_now(exc):
+            raise  # a bug, not an outage: the 500 handler logs it
         message = f"Redis cannot take writes ({exc.__class__.__name__})."
         response = error_response(503, "unavailable", message, redis="down")
         response.headers["Retry-After"] = "5"

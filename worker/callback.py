@@ -159,22 +159,21 @@ class CallbackClient:
 
     @staticmethod
     def _read_body(response: requests.Response, deadline: float) -> None:
-        """Read the answer's body, giving up once `deadline` has passed.
+        """Read the answer's body until its end or until `deadline`, whichever is first.
 
         requests' timeout bounds each wait for the server, not the whole answer: a body
         that trickles in a byte at a time would hold the session's lock (and a worker
         thread) for as long as the server likes, while the recovery sweep counts an
-        attempt as lost after CALLBACK_TIMEOUT_SECONDS. Read to its end, the connection
-        goes back to the session's pool.
+        attempt as lost after CALLBACK_TIMEOUT_SECONDS. The status line has already said
+        how the attempt went, so a body cut short changes nothing but the connection: read
+        to its end, it goes back to the session's pool; cut short, it is closed.
         """
         raw = response.raw
         try:
             # read1: what has arrived, in one wait; `read` would wait for a full chunk.
             while raw.read1(BODY_CHUNK_BYTES, decode_content=False):
                 if monotonic() > deadline:
-                    raise requests.exceptions.ReadTimeout(
-                        "the answer was still arriving when the attempt's time was up"
-                    )
+                    return
             raw.release_conn()
         finally:
             response.close()

@@ -64,7 +64,7 @@ def build_input_ids(
 
     Old turns are dropped whole, never cut, so that the model never sees half a sentence;
     only a single newest turn that is longer than the whole budget is cut, keeping its end
-    (the part nearest to the reply). Turn texts never produce special tokens (see above).
+    (the part nearest to the reply). Turn texts do not turn into control tokens (above).
     """
     budget = max_context_tokens - max_new_tokens
     if budget < 1:
@@ -145,10 +145,13 @@ _WORD_JOINER = "\u2060"
 
 
 def _special_token_texts(tokenizer: Any) -> list[str]:
-    """The texts a fast tokenizer turns into special tokens, longest first."""
+    """The texts a fast tokenizer turns into tokens of their own before anything else,
+    longest first: its special tokens, and the added ones not marked special (Qwen's
+    `<tool_call>`, `<think>`). One-character ones cannot be broken up and are left."""
     added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    texts = {token.content for token in added.values() if getattr(token, "special", False)}
-    return sorted((text for text in texts if len(text) > 1), key=len, reverse=True)
+    texts = {token.content for token in added.values()}
+    usable = (text for text in texts if len(text) > 1 and _WORD_JOINER not in text)
+    return sorted(usable, key=len, reverse=True)
 
 
 def _as_plain_text(text: str, specials: Sequence[str]) -> str:
@@ -156,7 +159,7 @@ def _as_plain_text(text: str, specials: Sequence[str]) -> str:
     character. A chat template renders turns into one string before tokenizing it, so
     unlike `split_special_tokens` on a lone turn this is the only place left to do it."""
     for special in specials:
-        if special in text:
+        while special in text:  # again, for one that overlaps itself ("zz" in "zzz")
             text = text.replace(special, special[0] + _WORD_JOINER + special[1:])
     return text
 

@@ -45,8 +45,12 @@ class NoRepeatNGramsAfterPadding(LogitsProcessor):
         starts = torch.arange(windows.shape[1], device=input_ids.device)
         repeats &= starts[None, :] >= self.first_real.to(input_ids.device)[:, None]
         row, start = repeats.nonzero(as_tuple=True)
+        token = windows[row, start, -1]
+        # An embedding table larger than the output layer has ids no score stands for.
+        inside = token < scores.shape[-1]
+        row, token = row[inside], token[inside]
         if row.numel() == 0:
             return scores
         banned = torch.zeros_like(scores, dtype=torch.bool)
-        banned[row, windows[row, start, -1]] = True
+        banned[row, token] = True
         return scores.masked_fill(banned, -float("inf"))
