@@ -154,9 +154,26 @@ def test_an_oversized_newest_turn_keeps_its_end(tokenizer: Any) -> None:
         max_new_tokens=3,
     )
 
-    assert len(ids) == budget
-    assert ids == full[-budget:]
+    kept = tokenizer.decode(ids[:-1])
     assert ids[-1] == tokenizer.eos_token_id
+    assert 1 < len(ids) <= budget
+    assert long_text.endswith(kept)  # cut as text, so it decodes to an end of the text
+    longer = long_text[-len(kept) - 1 :]
+    assert len(encoded_turn(tokenizer, longer)) > budget  # and the longest end that fits
+
+
+@pytest.mark.parametrize("budget", range(2, 8))
+def test_an_oversized_turn_is_not_cut_inside_a_character(tokenizer: Any, budget: int) -> None:
+    # An emoji is several byte-level tokens: a cut among them leaves a broken character.
+    text = "perfecto " + "😊" * 40
+    turns = [Turn("user", text)]
+
+    ids = build_input_ids(tokenizer, turns, max_context_tokens=budget + 16, max_new_tokens=16)
+
+    assert 0 < len(ids) <= budget
+    assert ids[-1] == tokenizer.eos_token_id
+    assert "\ufffd" not in tokenizer.decode(ids[:-1])
+    assert text.endswith(tokenizer.decode(ids[:-1]))
 
 
 def test_each_turn_is_encoded_at_most_once(tokenizer: Any) -> None:
@@ -294,13 +311,30 @@ def test_chat_template_never_starts_the_kept_turns_with_the_assistant(
     assert ids == chat_ids(chat_tokenizer, HISTORY_DICTS[-1:])
 
 
-def test_chat_template_cuts_an_oversized_last_turn_to_the_budget(chat_tokenizer: Any) -> None:
+def test_chat_template_cuts_an_oversized_last_turn_as_text(chat_tokenizer: Any) -> None:
+    long_text = " ".join(t.content for t in HISTORY)
+    ids = build_input_ids(
+        chat_tokenizer,
+        [Turn("user", long_text)],
+        max_context_tokens=40,
+        max_new_tokens=8,
+        system_prompt="Be brief.",
+    )
+
+    text = chat_tokenizer.decode(ids)
+    assert len(ids) <= 32
+    # Cut inside the template: the system prompt and the markers stay, the text's end too.
+    assert text.startswith("<|system|>\nBe brief.")
+    assert text.endswith("It has not arrived yet.<|endoftext|>\n<|assistant|>\n")
+
+
+def test_chat_template_alone_too_long_is_cut_to_the_budget(chat_tokenizer: Any) -> None:
     ids = build_input_ids(
         chat_tokenizer,
         [Turn("user", " ".join(t.content for t in HISTORY))],
         max_context_tokens=20,
         max_new_tokens=8,
-        system_prompt="Be brief.",
+        system_prompt="Be brief.",  # the template with it takes 18 tokens of the 12
     )
     assert len(ids) == 12
     assert chat_tokenizer.decode(ids).endswith("<|assistant|>\n")

@@ -12,7 +12,7 @@ make it do by matching special tokens in the raw text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -64,7 +64,9 @@ def build_input_ids(
 
     Old turns are dropped whole, never cut, so that the model never sees half a sentence;
     only a single newest turn that is longer than the whole budget is cut, keeping its end
-    (the part nearest to the reply). Turn texts do not turn into control tokens (above).
+    (the part nearest to the reply). It is cut as text, between two characters: a cut
+    among the ids could fall inside a character that takes several byte-level tokens.
+    Turn texts do not turn into control tokens (see above).
     """
     budget = max_context_tokens - max_new_tokens
     if budget < 1:
@@ -84,18 +86,43 @@ def _eos_joined_ids(tokenizer: Any, turns: Sequence[Turn], budget: int) -> list[
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has neither a chat template nor an EOS token")
+
+    def encoded(text: str) -> list[int]:
+        return [*tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True), eos]
+
     kept: list[list[int]] = []
     used = 0
     for turn in reversed(turns):
-        text = tokenizer.encode(turn.content, add_special_tokens=False, split_special_tokens=True)
-        ids = [*text, eos]
+        ids = encoded(turn.content)
         if used + len(ids) > budget:
-            if not kept:
-                kept.append(ids[-budget:])
+            if not kept:  # the newest turn alone is too long: its end, cut as text
+                start = _end_that_fits(turn.content, lambda end: len(encoded(end)) <= budget)
+                kept.append(encoded(turn.content[start:]) if start is not None else ids[-budget:])
             break
         kept.append(ids)
         used += len(ids)
     return [token for ids in reversed(kept) for token in ids]
+
+
+def _end_that_fits(text: str, fits: Callable[[str], bool]) -> int | None:
+    """Where the longest end of `text` that `fits` starts, or None if not even "" fits.
+
+    A binary search over the cut (a few encodings, and only for a turn longer than the
+    whole budget), relying on a shorter end never encoding longer; the end it settles on
+    is checked, and cut further in the rare case a tokenizer breaks that rule.
+    """
+    if not fits(""):
+        return None
+    low, high = 0, len(text)  # text[high:] fits; find the smallest start that does
+    while low < high:
+        middle = (low + high) // 2
+        if fits(text[middle:]):
+            high = middle
+        else:
+            low = middle + 1
+    while not fits(text[low:]):
+        low += 1
+    return low
 
 
 def _chat_template_ids(
@@ -115,10 +142,12 @@ def _chat_template_ids(
         {0, len(turns) - 1} | {i for i, turn in enumerate(turns) if turn.role == "user"}
     )
 
-    def render(start: int) -> list[int]:
+    def render(start: int, last: str | None = None) -> list[int]:
+        """Turns from `start` on; `last` stands in for the newest turn's text."""
+        texts = contents[start:] if last is None else [*contents[start:-1], last]
         messages = head + [
             {"role": turn.role, "content": content}
-            for turn, content in zip(turns[start:], contents[start:], strict=True)
+            for turn, content in zip(turns[start:], texts, strict=True)
         ]
         rendered = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -136,7 +165,13 @@ def _chat_template_ids(
             low = middle + 1
     if best is not None:
         return best
-    return render(starts[-1])[-budget:]
+    # The newest turn alone is too long: its end, cut as text, inside the template (the
+    # system prompt and the turn markers stay), unless even those fill the budget.
+    newest = len(turns) - 1
+    start = _end_that_fits(contents[-1], lambda end: len(render(newest, end)) <= budget)
+    if start is None:
+        return render(newest)[-budget:]
+    return render(newest, contents[-1][start:])
 
 
 # Inside a special token's text, it stops the tokenizer from matching the token there; the
