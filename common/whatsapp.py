@@ -128,9 +128,14 @@ class Notification(_Lenient):
 
 
 def is_whatsapp_payload(body: dict[str, Any]) -> bool:
-    """A raw Cloud API notification or a single `value` item from n8n's trigger."""
+    """A raw Cloud API notification or a single `value` item from n8n's trigger.
+
+    A `value` item never has a top-level `message_id`: a body with one is the simple form,
+    even when a workflow copied `messaging_product` into it (read as a `value` item with no
+    messages, it was answered "ignored" and dropped).
+    """
     return body.get("object") == "whatsapp_business_account" or (
-        body.get("messaging_product") == "whatsapp"
+        body.get("messaging_product") == "whatsapp" and "message_id" not in body
     )
 
 

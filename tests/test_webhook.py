@@ -450,6 +450,14 @@ def test_a_session_id_the_history_would_refuse_is_refused_at_the_webhook(
     assert stored_keys(redis_client, settings) == []
 
 
+def test_a_simple_form_body_with_messaging_product_is_not_dropped(client, redis_client):
+    # Read as a WhatsApp `value` item it had no messages: "ignored", and nothing stored.
+    response = post(client, {**GOOD, "messaging_product": "whatsapp"})
+
+    assert response.status_code == 202, response.get_json()
+    assert response.get_json()["status"] == "queued"
+
+
 def test_a_boolean_timestamp_is_refused(client, redis_client, settings):
     response = post(client, {**GOOD, "timestamp": True})
 
