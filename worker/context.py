@@ -82,7 +82,8 @@ def build_input_ids(
 
 
 def _eos_joined_ids(tokenizer: Any, turns: Sequence[Turn], budget: int) -> list[int]:
-    """DialoGPT layout: `turn EOS turn EOS ...`, each turn encoded exactly once."""
+    """DialoGPT layout: `turn EOS turn EOS ...`, each turn encoded once (a newest turn too
+    long on its own a few more times, to find where to cut it)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has neither a chat template nor an EOS token")
