@@ -7,7 +7,7 @@ import redis
 from flask import Blueprint, Response, jsonify
 
 from common.keys import ready_probe, worker_heartbeat_pattern
-from webhook.errors import error_response, redis_refuses_for_now
+from webhook.errors import REDIS_DOWN_RETRY_AFTER, error_response, redis_refuses_for_now
 from webhook.services import services
 
 bp = Blueprint("health", __name__)
@@ -32,6 +32,6 @@ def ready() -> Response | tuple[Response, int]:
             raise  # a bug, not an outage: the 500 handler logs it
         message = f"Redis cannot take writes ({exc.__class__.__name__})."
         response = error_response(503, "unavailable", message, redis="down")
-        response.headers["Retry-After"] = "5"
+        response.headers["Retry-After"] = str(REDIS_DOWN_RETRY_AFTER)
         return response
     return jsonify(status="ready", redis="ok", workers_seen=len(workers), workers=workers), 200

@@ -273,7 +273,7 @@ class ChatModel:
             kwargs["min_new_tokens"] = settings.min_new_tokens
         # No repeated n-grams: a processor per call (`_logits_processors`), not
         # `no_repeat_ngram_size`, which counts the padding of batched prompts.
-        if settings.do_sample and settings.top_k > 0:
+        if self._sampler is not None:
             # The same draw among the top-k only; generate's argmax takes it (worker.sampling).
             kwargs["do_sample"] = False
         elif settings.do_sample:  # no top-k: every token may be drawn, transformers does it
